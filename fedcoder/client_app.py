@@ -1,0 +1,65 @@
+"""fedcoder ClientApp: Flower glue around `fedcoder.training`.
+
+A client receives the global adapter, trains it on its own data for one round
+and replies with the new adapter and what it trained on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedcoder.communication import decode, encode
+from fedcoder.config import RunConfig
+from fedcoder.data import load_partition
+from fedcoder.model import adapter_state, resident_model, set_adapter_state
+from fedcoder.training import train_round
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_flat(context.run_config)
+    server_round = int(msg.content["config"]["server-round"])
+    model, tokenizer, load_seconds = resident_model(
+        config.model, bf16=config.train.bf16, seed=config.train.seed
+    )
+    set_adapter_state(model, decode(msg.content["arrays"], config.train.transport_dtype))
+
+    # A SuperNode may name its own data (deployment); in simulation every node
+    # gets a partition of the run's dataset.
+    node = context.node_config
+    records = load_partition(
+        str(node.get("dataset-path", config.data.name)),
+        partition_id=int(node.get("partition-id", 0)),
+        num_partitions=int(node.get("num-partitions", 1)),
+        seed=config.train.seed,
+        holdout_fraction=config.data.holdout_fraction,
+    )
+    # Dropout masks depend on (seed, round, partition) only, so runs are repeatable.
+    torch.manual_seed(
+        config.train.seed * 100_003 + server_round * 1_009 + int(node.get("partition-id", 0))
+    )
+    report = train_round(
+        model,
+        tokenizer,
+        records,
+        config.train,
+        lr=float(msg.content["config"]["lr"]),
+        server_round=server_round,
+    )
+    metrics = {
+        **report.as_metrics(),
+        "num-examples": report.examples,
+        "partition-id": int(node.get("partition-id", 0)),
+        "model-load-seconds": load_seconds,
+        "worker-pid": os.getpid(),  # shows which worker kept the model resident
+    }
+    arrays: ArrayRecord = encode(adapter_state(model), config.train.transport_dtype)
+    return Message(
+        content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg
+    )

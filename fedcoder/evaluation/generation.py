@@ -1,0 +1,253 @@
+"""Batched generation with a Hugging Face causal LM, cut at each task's stop strings.
+
+Prompts are sorted by length and left-padded into batches, so one forward pass
+serves many prompts with little padding. Each sequence gets exactly the token
+budget it would get alone (max_length minus its own prompt length), and a
+sequence is done once it emits EOS, spends its budget, or produces a stop
+string; generation ends when every sequence in the batch is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    set_seed,
+)
+
+from fedcoder.evaluation.errors import EvalError
+from fedcoder.evaluation.settings import GenerationSettings
+from fedcoder.evaluation.tasks import Problem, completion_prompt, truncate_at_stop
+
+log = logging.getLogger(__name__)
+
+
+def load_model(
+    base: str,
+    adapter: str | Path | None = None,
+    *,
+    quantization: int = 0,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model, with the adapter merged in unless the base is quantized.
+
+    dtype is a torch dtype name; None means `default_dtype()`.
+    """
+    from peft import PeftModel
+
+    from fedcoder.model import ModelError, load_base_model
+
+    if adapter is not None:
+        _check_adapter_config(Path(adapter))  # before the base model, which may take minutes
+    try:
+        model, tokenizer = load_base_model(
+            base,
+            quantization=quantization,
+            dtype=getattr(torch, dtype or default_dtype()),
+            device=device,
+        )
+    except ModelError as err:
+        raise EvalError(str(err)) from err
+    if adapter is not None:
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except Exception as err:  # PEFT raises many types for a broken or mismatched adapter
+            raise _adapter_error(adapter, err) from err
+        if not quantization:  # merged weights run as fast as the base model
+            model = model.merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+def _check_adapter_config(adapter: Path) -> None:
+    from peft import PeftConfig
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise EvalError(
+            f"adapter '{adapter}' is not a PEFT adapter directory (no adapter_config.json)"
+        )
+    try:
+        PeftConfig.from_pretrained(str(adapter))
+    except Exception as err:
+        raise _adapter_error(adapter, err) from err
+
+
+def _adapter_error(adapter: str | Path, err: Exception) -> EvalError:
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return EvalError(f"adapter '{adapter}' cannot be loaded: {first_line}")
+
+
+def default_dtype() -> str:
+    """bfloat16 on a GPU; float32 on a CPU, where most processors run bfloat16 slowly."""
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+class StopOnStrings(StoppingCriteria):
+    """Marks each sequence done once it has used its token budget or its
+    newest tokens complete one of its stop strings."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stops: Sequence[Sequence[str]],
+        prompt_width: int,
+        budgets: torch.Tensor,
+    ):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prompt_width = prompt_width
+        self.budgets = budgets
+        # Every token decodes to at least one character, so a stop string just
+        # completed lies within the last len(stop) tokens; one more for safety.
+        self.window = max((len(s) for row in stops for s in row), default=0) + 1
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
+    ) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_width :]
+        done = self.budgets.to(input_ids.device) <= generated.shape[1]
+        tails = self.tokenizer.batch_decode(generated[:, -self.window :])
+        hits = [any(s in tail for s in row) for tail, row in zip(tails, self.stops, strict=True)]
+        return done | torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
+
+
+class Generator:
+    """Turns the problems of one task into `n_samples` completions each."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: GenerationSettings,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = sorted({i for i in [*eos, tokenizer.eos_token_id] if i is not None})
+        if not self.eos_ids:
+            raise EvalError("the tokenizer and generation config define no EOS token")
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_ids[0]
+
+    def __call__(self, problems: Sequence[Problem]) -> list[list[str]]:
+        if not problems:
+            return []
+        settings = self.settings
+        # Seeded per chunk of problems, so a resumed run draws what an
+        # uninterrupted one would have drawn.
+        key = f"{settings.seed}:{problems[0].task}:{problems[0].problem_id}"
+        set_seed(zlib.crc32(key.encode()))
+        max_length = settings.max_length or problems[0].spec.max_length
+        prompts = [self._prompt_ids(problem) for problem in problems]
+        jobs = [(i, s) for i in range(len(problems)) for s in range(settings.n_samples)]
+        jobs = [job for job in jobs if self._fits(problems[job[0]], prompts[job[0]], max_length)]
+        # Longest first: similar lengths share a batch, and a batch that does not
+        # fit in memory fails at once rather than at the end of the run.
+        jobs.sort(key=lambda job: -len(prompts[job[0]]))
+        completions = [[""] * settings.n_samples for _ in problems]
+        starts = range(0, len(jobs), settings.batch_size)
+        # The task's bar moves only once a chunk is scored; this one shows the batches.
+        for start in tqdm(starts, desc="generating", unit="batch", leave=False):
+            batch = jobs[start : start + settings.batch_size]
+            texts = self._generate(
+                [prompts[i] for i, _ in batch],
+                [self._stops(problems[i]) for i, _ in batch],
+                max_length,
+            )
+            for (i, s), text in zip(batch, texts, strict=True):
+                completions[i][s] = text
+        return completions
+
+    def _prompt_ids(self, problem: Problem) -> list[int]:
+        if self.settings.mode == "chat":
+            # The chat template already holds whatever special tokens the model expects.
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": problem.request}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(completion_prompt(problem))["input_ids"]
+
+    def _stops(self, problem: Problem) -> tuple[str, ...]:
+        return problem.stop if self.settings.mode == "completion" else ()
+
+    @staticmethod
+    def _fits(problem: Problem, prompt: list[int], max_length: int) -> bool:
+        if len(prompt) < max_length:
+            return True
+        log.warning(
+            "%s %s: the prompt alone has %d tokens (max length %d); its completion is empty",
+            problem.task,
+            problem.problem_id,
+            len(prompt),
+            max_length,
+        )
+        return False
+
+    def _generate(
+        self, prompts: list[list[int]], stops: list[tuple[str, ...]], max_length: int
+    ) -> list[str]:
+        width = max(len(p) for p in prompts)
+        padding = [width - len(p) for p in prompts]  # on the left, so every prompt ends at `width`
+        input_ids = [[self.pad_id] * pad + p for pad, p in zip(padding, prompts, strict=True)]
+        attention_mask = [[0] * pad + [1] * len(p) for pad, p in zip(padding, prompts, strict=True)]
+        device = self.model.device
+        budgets = torch.tensor([max_length - len(p) for p in prompts])
+        criteria = StopOnStrings(self.tokenizer, stops, width, budgets)
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=torch.tensor(input_ids, device=device),
+                attention_mask=torch.tensor(attention_mask, device=device),
+                max_new_tokens=int(budgets.max()),
+                stopping_criteria=StoppingCriteriaList([criteria]),
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.pad_id,
+                **self._sampling(),
+            )
+        rows = output[:, width:].tolist()
+        return [
+            truncate_at_stop(self._decode(prompt, row[:budget]), row_stops)
+            for prompt, row, budget, row_stops in zip(
+                prompts, rows, budgets.tolist(), stops, strict=True
+            )
+        ]
+
+    def _sampling(self) -> dict:
+        if self.settings.greedy:
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        # top_k=0 turns off the top-k filter that generation configs often set.
+        return {
+            "do_sample": True,
+            "temperature": self.settings.temperature,
+            "top_p": self.settings.top_p,
+            "top_k": 0,
+        }
+
+    def _decode(self, prompt: list[int], generated: list[int]) -> str:
+        """The text after the prompt, up to the first EOS.
+
+        Decoding prompt and continuation together keeps a leading space that
+        SentencePiece tokenizers drop when the continuation is decoded alone.
+        Special tokens stay, since `<file_sep>` is itself a stop string.
+        """
+        end = next(
+            (j for j, token in enumerate(generated) if token in self.eos_ids), len(generated)
+        )
+        head = self.tokenizer.decode(prompt)
+        full = self.tokenizer.decode(prompt + generated[:end])
+        if full.startswith(head):
+            return full[len(head) :]
+        return self.tokenizer.decode(generated[:end])

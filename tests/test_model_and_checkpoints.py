@@ -1,0 +1,106 @@
+"""Models: initial adapter without a second model, checkpoints PEFT can load, resident cache."""
+
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedcoder.config import ConfigError, ModelSettings, RunConfig
+from fedcoder.model import (
+    ModelError,
+    adapter_state,
+    add_adapter,
+    initial_adapter,
+    load_base_model,
+    resident_model,
+    resolve_model_path,
+)
+from fedcoder.results import RunDirectory
+from fedcoder.training import cosine_lr
+
+
+def settings(model_dir, **kw) -> ModelSettings:
+    return ModelSettings(name=str(model_dir), quantization=0, gradient_checkpointing=False, **kw)
+
+
+def test_initial_adapter_matches_a_fully_loaded_model(tiny_model_dir):
+    init = initial_adapter(settings(tiny_model_dir), seed=5)
+    model, _ = load_base_model(str(tiny_model_dir), dtype=torch.float32, device="cpu")
+    full = adapter_state(add_adapter(model, settings(tiny_model_dir), seed=5))
+    assert init.keys() == full.keys() and len(init) == 2 * 4 * 3  # 2 layers x 4 modules x A,B,m
+    for key in init:
+        assert torch.equal(init[key], full[key]), key
+    assert any("lora_magnitude_vector" in k for k in init)
+    assert not torch.equal(
+        init[next(iter(init))], initial_adapter(settings(tiny_model_dir), seed=6)[next(iter(init))]
+    )
+
+
+def test_unknown_target_module_is_named(tiny_model_dir):
+    from fedcoder.config import LoraSettings
+
+    bad = settings(tiny_model_dir, lora=LoraSettings(target_modules=("q_proj",)))
+    with pytest.raises(ModelError, match="no module named 'q_proj'"):
+        initial_adapter(bad, seed=0)
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(ModelError, match="not a model directory"):
+        resolve_model_path(str(tmp_path / "nowhere"))
+
+
+def test_hub_id_offline_says_how_to_use_local_files(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="local model directory, a .gguf file"):
+        resolve_model_path("someone/not-cached-model")
+
+
+def test_checkpoint_loads_with_peft(tiny_model_dir, tmp_path):
+    config = RunConfig.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.quantization": 0,
+            "results.dir": str(tmp_path),
+            "results.run-name": "r",
+        }
+    )
+    run = RunDirectory.create(config)
+    state = {k: v + 0.5 for k, v in initial_adapter(config.model, seed=0).items()}
+    path = run.save_checkpoint(3, state, str(tiny_model_dir))
+    base, _ = load_base_model(str(tiny_model_dir), dtype=torch.float32, device="cpu")
+    loaded = adapter_state(PeftModel.from_pretrained(base, str(path)))
+    assert loaded.keys() == state.keys()
+    for key in state:
+        assert torch.equal(loaded[key], state[key])
+    assert (
+        json.loads((run.path / "config.json").read_text())["config"]["model"]["quantization"] == 0
+    )
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    config = RunConfig.from_flat({"results.dir": str(tmp_path), "results.run-name": "keep"})
+    run = RunDirectory.create(config)
+    (run.path / "metrics.json").write_text("precious")
+    with pytest.raises(ConfigError, match="already exists"):
+        RunDirectory.create(config)
+    assert (run.path / "metrics.json").read_text() == "precious"
+
+
+def test_resident_model_loads_once(tiny_model_dir):
+    s = settings(tiny_model_dir)
+    first = resident_model(s, bf16=False, seed=0)
+    second = resident_model(s, bf16=False, seed=0)
+    assert first[0] is second[0] and second[2] == 0.0
+
+
+@pytest.mark.parametrize("rounds", [1, 10, 200])
+def test_cosine_lr_formula(rounds):
+    lr_max, lr_min = 5e-5, 5e-6
+    for t in range(1, rounds + 1):
+        expected = lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * t / rounds))
+        assert cosine_lr(t, rounds, lr_max, lr_min) == pytest.approx(expected, rel=1e-12)
+    assert cosine_lr(rounds, rounds, lr_max, lr_min) == pytest.approx(lr_min)
+    values = [cosine_lr(t, rounds, lr_max, lr_min) for t in range(1, rounds + 1)]
+    assert values == sorted(values, reverse=True) and values[0] < lr_max

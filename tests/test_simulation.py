@@ -1,0 +1,129 @@
+"""End to end: a real Flower simulation (`fedcoder run`), 10 virtual clients, tiny Phi3 model."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from peft import PeftModel
+
+from fedcoder.communication import encode, payload_bytes
+from fedcoder.config import RunConfig
+from fedcoder.model import adapter_state, initial_adapter, load_base_model
+from fedcoder.training import cosine_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 3
+
+pytestmark = pytest.mark.slow
+
+
+def _flower_processes() -> set[int]:
+    names = ("flower", "flwr", "raylet", "gcs_server", "ray::", "ClientAppActor")
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(name in cmdline for name in names):
+            found.add(proc.info["pid"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("sim")
+    data = work / "data.jsonl"
+    data.write_text("".join(
+        json.dumps({"instruction": f"Return x plus {i}.", "input": "",
+                    "output": f"def f(x):\n    return x + {i}\n"}) + "\n"
+        for i in range(120)
+    ))  # fmt: skip
+    overrides = {
+        "num-server-rounds": ROUNDS,
+        "model.name": str(tiny_model_dir),
+        "model.quantization": 0,
+        "model.gradient-checkpointing": False,
+        "static.dataset.name": str(data),
+        "train.seq-length": 96,
+        "train.training-arguments.per-device-train-batch-size": 2,
+        "train.training-arguments.max-steps": 2,
+        "train.training-arguments.optim": "adamw_torch",
+        "train.training-arguments.bf16": False,
+        "train.save-every-round": 2,
+        "results.dir": str(work / "results"),
+        "results.run-name": "e2e",
+    }
+    config_file = work / "run.toml"
+    config_file.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in overrides.items())
+                           )
+    before = _flower_processes()
+    result = subprocess.run(
+        [sys.executable, "-m", "fedcoder.cli", "run", "--app", str(ROOT),
+         "--config", str(config_file), "--flwr-home", str(work / "flwr-home")],
+        capture_output=True, text=True, timeout=600, cwd=work,
+        env={**os.environ, "RAY_DEDUP_LOGS": "0"},
+    )  # fmt: skip
+    leftovers = _flower_processes() - before
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = work / "results" / "e2e"
+    return {"dir": run_dir, "config": RunConfig.from_flat(overrides), "leftovers": leftovers,
+            "metrics": json.loads((run_dir / "metrics.json").read_text())}
+
+
+def test_no_process_is_left_behind(finished_run):
+    alive = [pid for pid in finished_run["leftovers"] if psutil.pid_exists(pid)]
+    assert alive == []
+
+
+def test_every_round_is_recorded_with_the_scheduled_lr(finished_run):
+    rounds = finished_run["metrics"]["rounds"]
+    train = finished_run["config"].train
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    for r in rounds:
+        expected = cosine_lr(r["round"], ROUNDS, train.learning_rate_max, train.learning_rate_min)
+        assert r["lr"] == pytest.approx(expected, rel=1e-12)
+        assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
+        assert len(r["clients"]) == 2 and r["dropped"] == []
+        assert {c["partition-id"] for c in r["clients"]} <= set(range(10))
+        assert r["examples"] == sum(c["examples"] for c in r["clients"]) == 2 * 2 * 2
+
+
+def test_bytes_equal_the_payload_sizes(finished_run):
+    config = finished_run["config"]
+    one_copy = payload_bytes(encode(initial_adapter(config.model, seed=0), "float32"))
+    cumulative = 0
+    for r in finished_run["metrics"]["rounds"]:
+        assert r["bytes_down"] == r["bytes_up"] == 2 * one_copy
+        cumulative += 4 * one_copy
+        assert r["bytes_cumulative"] == cumulative
+        assert r["mb_cumulative"] == pytest.approx(cumulative / 2**20)
+
+
+def test_base_model_stays_resident_in_each_worker(finished_run):
+    seen: set[int] = set()
+    reused = 0
+    for r in finished_run["metrics"]["rounds"]:
+        for client in r["clients"]:
+            if client["worker-pid"] in seen:
+                assert client["model-load-seconds"] == 0.0
+                reused += 1
+            seen.add(client["worker-pid"])
+    assert reused >= 2
+
+
+def test_checkpoints_load_with_peft_and_outputs_exist(finished_run, tiny_model_dir):
+    run_dir = finished_run["dir"]
+    assert sorted(p.name for p in run_dir.glob("peft_*")) == ["peft_2", "peft_3"]
+    assert (run_dir / "train_loss.png").stat().st_size > 1000
+    assert json.loads((run_dir / "config.json").read_text())["fingerprint"] == finished_run[
+        "metrics"]["fingerprint"]
+    base, _ = load_base_model(str(tiny_model_dir), dtype=torch.float32, device="cpu")
+    model = PeftModel.from_pretrained(base, str(run_dir / "peft_3"))
+    state = adapter_state(model)
+    initial = initial_adapter(finished_run["config"].model, seed=0)
+    assert state.keys() == initial.keys()
+    assert any(not torch.equal(state[k], initial[k]) for k in state)  # training moved it
