@@ -156,7 +156,7 @@ def _unavailable_reason(mode: str) -> str | None:
         return "needs root"
     with _workdir() as workdir:
         # A generous timeout: a busy machine must not be mistaken for a broken sandbox.
-        run = _launch(mode, workdir, [sys.executable, "-I", "-c", "pass"], 30.0, Limits(), "AS")
+        run = _launch(mode, workdir, [_PYTHON, "-I", "-c", "pass"], 30.0, Limits(), "AS")
     if run.returncode == 0:
         return None
     return run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
@@ -168,7 +168,7 @@ def _unavailable_reason(mode: str) -> str | None:
 def _execute_python(source: str, workdir: str, limits: Limits) -> ExecResult:
     Path(workdir, "main.py").write_text(source, encoding="utf-8")
     return _result(
-        _run(workdir, [sys.executable, "-I", "main.py"], limits.python_timeout_s, limits, "AS")
+        _run(workdir, [_PYTHON, "-I", "main.py"], limits.python_timeout_s, limits, "AS")
     )
 
 
@@ -287,13 +287,18 @@ def _launch(
     return _Run(returncode, ending == "timeout", _excerpt(text), duration_s)
 
 
+# Programs run on the base interpreter, not a virtualenv's: a venv may live where the
+# sandbox hides (a private /tmp) and untrusted code needs nothing from its packages.
+_PYTHON = os.path.realpath(sys.executable)
+
+
 def _install_dirs(executable: str) -> list[str]:
     """Directories the tool needs: its installation prefix (and a venv's base Python)."""
     if not os.path.isabs(executable):  # built in the work dir, e.g. ./main
         return []
     dirs = {os.path.dirname(os.path.dirname(os.path.realpath(executable)))}
-    if executable == sys.executable:
-        dirs |= {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+    if executable == _PYTHON:
+        dirs.add(os.path.realpath(sys.base_prefix))
     return sorted(dirs)
 
 

