@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcoder.communication import decode, encode
@@ -33,17 +33,16 @@ def train(msg: Message, context: Context) -> Message:
     # A SuperNode may name its own data (deployment); in simulation every node
     # gets a partition of the run's dataset.
     node = context.node_config
+    partition_id = int(node.get("partition-id", 0))
     records = load_partition(
         str(node.get("dataset-path", config.data.name)),
-        partition_id=int(node.get("partition-id", 0)),
+        partition_id=partition_id,
         num_partitions=int(node.get("num-partitions", 1)),
         seed=config.train.seed,
         holdout_fraction=config.data.holdout_fraction,
     )
     # Dropout masks depend on (seed, round, partition) only, so runs are repeatable.
-    torch.manual_seed(
-        config.train.seed * 100_003 + server_round * 1_009 + int(node.get("partition-id", 0))
-    )
+    torch.manual_seed(config.train.seed * 100_003 + server_round * 1_009 + partition_id)
     report = train_round(
         model,
         tokenizer,
@@ -55,11 +54,11 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {
         **report.as_metrics(),
         "num-examples": report.examples,
-        "partition-id": int(node.get("partition-id", 0)),
+        "partition-id": partition_id,
         "model-load-seconds": load_seconds,
         "worker-pid": os.getpid(),  # shows which worker kept the model resident
     }
-    arrays: ArrayRecord = encode(adapter_state(model), config.train.transport_dtype)
+    arrays = encode(adapter_state(model), config.train.transport_dtype)
     return Message(
         content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg
     )

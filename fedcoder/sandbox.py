@@ -167,9 +167,7 @@ def _unavailable_reason(mode: str) -> str | None:
 
 def _execute_python(source: str, workdir: str, limits: Limits) -> ExecResult:
     Path(workdir, "main.py").write_text(source, encoding="utf-8")
-    return _result(
-        _run(workdir, [_PYTHON, "-I", "main.py"], limits.python_timeout_s, limits, "AS")
-    )
+    return _result(_run(workdir, [_PYTHON, "-I", "main.py"], limits.python_timeout_s, limits, "AS"))
 
 
 def _execute_javascript(source: str, workdir: str, limits: Limits) -> ExecResult:
