@@ -1,13 +1,22 @@
 """Server-side strategy: which clients train each round and how their adapters are averaged.
 
 Built on Flower's FedAvg, changing only what the adapter recipe needs:
-- sampling uses the strategy's own seeded RNG, so a run is reproducible and its
-  sampling state can be saved and restored;
+- sampling uses the strategy's own seeded RNG over the nodes' data identities
+  (which partition or dataset each node trains on, asked once per node), not
+  over node ids, which change each time a simulation or SuperNode starts; so a
+  run, and a run resumed after a crash, samples the same data in each round;
+- replies are combined in the order of those identities, so float sums, and
+  with them the global adapter, are bit-identical from run to run;
 - each reply is checked before it is averaged (same tensors as the global
   adapter, finite values, a sane example count); a bad reply is dropped, never
   averaged in;
 - tensors are averaged in float32 whatever the transport dtype, weighted by
-  the examples each client actually trained on this round.
+  the examples each client actually trained on this round; or, for federations
+  that do not trust every member, combined by a coordinate-wise trimmed mean or
+  median, which bound the pull of any single client (unweighted: a weight is
+  itself something a hostile client could inflate);
+- a round with fewer valid replies than `min_train_replies` aggregates nothing,
+  so the caller can retry it with a fresh sample.
 """
 
 from __future__ import annotations
@@ -23,11 +32,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedcoder.communication import decode, encode
+from fedcoder.communication import decode, encode, wire_dtype
 
 log = logging.getLogger(__name__)
 
 WEIGHT_KEY = "num-examples"
+IDENTITY_KEY = "data-identity"
+IDENTIFY_TIMEOUT_S = 300.0
 
 
 class AdapterFedAvg(FedAvg):
@@ -41,6 +52,9 @@ class AdapterFedAvg(FedAvg):
         transport_dtype: str,
         max_examples: int,
         seed: int,
+        min_train_replies: int = 1,
+        aggregation: str = "fedavg",
+        trim_fraction: float = 0.2,
         wait_for_nodes_s: float = 300.0,
     ) -> None:
         super().__init__(
@@ -52,13 +66,21 @@ class AdapterFedAvg(FedAvg):
         )
         self.transport_dtype = transport_dtype
         self.max_examples = max_examples
+        self.min_train_replies = min_train_replies
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
         self.rng = random.Random(seed)
         self.wait_for_nodes_s = wait_for_nodes_s
+        self.identities: dict[int, str] = {}
         self._expected: dict[str, tuple[int, ...]] = {}
         self.dropped: list[tuple[int, str]] = []
 
+    def identity(self, node_id: int) -> str:
+        """What a node trains on (e.g. "partition 3/10"), or its id if it never said."""
+        return self.identities.get(node_id, f"node {node_id}")
+
     def sample(self, grid: Grid) -> list[int]:
-        """Pick this round's clients with the strategy's own RNG (sorted ids: reproducible)."""
+        """Pick this round's clients with the strategy's own RNG, over data identities."""
         deadline = time.monotonic() + self.wait_for_nodes_s
         while True:
             node_ids = sorted(grid.get_node_ids())
@@ -70,8 +92,21 @@ class AdapterFedAvg(FedAvg):
                 f"only {len(node_ids)} nodes connected, at least "
                 f"{self.min_available_nodes} needed (strategy.min-train-nodes)"
             )
-        size = max(int(len(node_ids) * self.fraction_train), self.min_train_nodes)
-        return self.rng.sample(node_ids, min(size, len(node_ids)))
+        self._identify(grid, [node for node in node_ids if node not in self.identities])
+        candidates = sorted(node_ids, key=lambda node: (self.identity(node), node))
+        size = max(int(len(candidates) * self.fraction_train), self.min_train_nodes)
+        return self.rng.sample(candidates, min(size, len(candidates)))
+
+    def _identify(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask new nodes what data they hold (a query message, answered without the model)."""
+        if not node_ids:
+            return
+        messages = self._construct_messages(RecordDict(), node_ids, MessageType.QUERY)
+        for reply in grid.send_and_receive(messages, timeout=IDENTIFY_TIMEOUT_S):
+            if not reply.has_error() and "identity" in reply.content:
+                identity = reply.content["identity"].get(IDENTITY_KEY)
+                if isinstance(identity, str):
+                    self.identities[reply.metadata.src_node_id] = identity
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -89,10 +124,11 @@ class AdapterFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the valid replies' adapters in float32, weighted by examples trained."""
+        """Combine the valid replies' adapters in float32 (see the module docstring)."""
         self.dropped = []
         accepted: list[tuple[dict[str, torch.Tensor], MetricRecord]] = []
-        for reply in replies:
+        ordered = sorted(replies, key=lambda r: self.identity(r.metadata.src_node_id))
+        for reply in ordered:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self._drop(node, f"client error: {reply.error.reason}")
@@ -102,18 +138,20 @@ class AdapterFedAvg(FedAvg):
                 self._drop(node, problem)
                 continue
             accepted.append((state, metrics))
-        if not accepted:
+        if not accepted or len(accepted) < self.min_train_replies:
             return None, None
-        weights = [float(metrics[WEIGHT_KEY]) for _, metrics in accepted]
-        total = sum(weights)
-        averaged = {
-            key: sum(
-                w / total * state[key] for w, (state, _) in zip(weights, accepted, strict=True)
-            )
-            for key in self._expected
-        }
+        states = [state for state, _ in accepted]
+        if self.aggregation == "fedavg":
+            combined = _weighted_mean(states, [float(m[WEIGHT_KEY]) for _, m in accepted])
+        else:
+            combined = {
+                key: _robust(
+                    torch.stack([s[key] for s in states]), self.aggregation, self.trim_fraction
+                )
+                for key in self._expected
+            }
         metrics = self.train_metrics_aggr_fn([_as_content(m) for _, m in accepted], WEIGHT_KEY)
-        return ArrayRecord(averaged), metrics
+        return ArrayRecord(combined), metrics
 
     def _unpack(self, reply: Message) -> tuple[dict[str, torch.Tensor], MetricRecord, str | None]:
         content = reply.content
@@ -123,7 +161,12 @@ class AdapterFedAvg(FedAvg):
         examples = metrics.get(WEIGHT_KEY, 0)
         if not 0 < examples <= self.max_examples:
             return {}, metrics, f"{WEIGHT_KEY}={examples} outside (0, {self.max_examples}]"
-        state = decode(content[self.arrayrecord_key], self.transport_dtype)
+        wire = content[self.arrayrecord_key]
+        expected_dtype = wire_dtype(self.transport_dtype)
+        for key, array in wire.items():
+            if array.dtype != expected_dtype:
+                return {}, metrics, f"{key}: dtype {array.dtype} != {expected_dtype}"
+        state = decode(wire, self.transport_dtype)
         if state.keys() != self._expected.keys():
             missing = sorted(self._expected.keys() - state.keys())
             extra = sorted(state.keys() - self._expected.keys())
@@ -140,6 +183,26 @@ class AdapterFedAvg(FedAvg):
     def _drop(self, node: int, reason: str) -> None:
         log.warning("Dropping reply from node %d: %s", node, reason)
         self.dropped.append((node, reason))
+
+
+def _weighted_mean(
+    states: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
+    total = sum(weights)
+    return {
+        key: sum(w / total * state[key] for w, state in zip(weights, states, strict=True))
+        for key in states[0]
+    }
+
+
+def _robust(stacked: torch.Tensor, method: str, trim_fraction: float) -> torch.Tensor:
+    """Coordinate-wise trimmed mean or median over the clients (dimension 0)."""
+    ordered = stacked.sort(dim=0).values
+    n = ordered.shape[0]
+    if method == "median":
+        return ordered[(n - 1) // 2 : n // 2 + 1].mean(dim=0)
+    cut = int(trim_fraction * n)
+    return ordered[cut : n - cut].mean(dim=0)
 
 
 def _as_content(metrics: MetricRecord) -> RecordDict:

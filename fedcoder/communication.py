@@ -28,6 +28,11 @@ def encode(state: dict[str, torch.Tensor], transport_dtype: str = "float32") -> 
     return ArrayRecord(packed)
 
 
+def wire_dtype(transport_dtype: str) -> str:
+    """The numpy dtype name an encoded array carries on the wire."""
+    return "int16" if transport_dtype == "bfloat16" else transport_dtype
+
+
 def decode(record: ArrayRecord, transport_dtype: str = "float32") -> dict[str, torch.Tensor]:
     """Unpack a received adapter into float32 tensors."""
     state = record.to_torch_state_dict()

@@ -9,6 +9,7 @@ any model or dataset is loaded, with one line naming the key.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ QUANTIZATION_CHOICES = (0, 4, 8)
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_torch")
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class TrainSettings:
     dynamic_data_seed: bool = True
     seed: int = 42
     transport_dtype: str = "float32"
+    # Most tokens (padding included) per forward pass; a step's batch is split into
+    # micro-batches under it, with the same update. 0: the whole batch in one pass.
+    micro_batch_tokens: int = 4096
+    packing: bool = True
 
     @property
     def examples_per_round(self) -> int:
@@ -70,6 +76,23 @@ class TrainSettings:
 class StrategySettings:
     fraction_train: float = 0.2
     min_train_nodes: int = 2
+    # A round aggregates the valid replies that arrived if there are at least
+    # this many; otherwise it is retried with a fresh sample.
+    min_train_replies: int = 1
+    max_round_retries: int = 2
+    round_timeout: float = 0.0  # seconds; 0 waits for every reply
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2  # per side, for aggregation = "trimmed-mean"
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """Score the global adapter by executed code during training (MBPP validation split)."""
+
+    every_rounds: int = 0  # 0: off
+    num_problems: int = 90  # the first N of MBPP task_id 511-600
+    max_new_tokens: int = 512
+    data_dir: str = ""  # a directory with mbpp.jsonl; "" reads the Hugging Face Hub
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,8 @@ class DataSettings:
 class ResultsSettings:
     dir: str = "results"
     run_name: str = ""
+    # Continue results/<run-name>/ from its last completed round if it exists.
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
     results: ResultsSettings = field(default_factory=ResultsSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -102,9 +128,11 @@ class RunConfig:
         """
         unknown = sorted(set(flat) - set(_KEYS))
         if unknown:
+            close = difflib.get_close_matches(unknown[0], _KEYS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
             raise ConfigError(
-                f"unknown config key '{unknown[0]}' (known keys: see [tool.flwr.app.config] "
-                "in pyproject.toml or `fedcoder config`)"
+                f"unknown config key '{unknown[0]}' ({hint}the keys are listed under "
+                "[tool.flwr.app.config] in pyproject.toml and in the README)"
             )
         values = {
             key: spec.read(key, flat[key]) if key in flat else spec.default
@@ -115,6 +143,11 @@ class RunConfig:
             strategy=StrategySettings(
                 fraction_train=values["strategy.fraction-train"],
                 min_train_nodes=values["strategy.min-train-nodes"],
+                min_train_replies=values["strategy.min-train-replies"],
+                max_round_retries=values["strategy.max-round-retries"],
+                round_timeout=values["strategy.round-timeout"],
+                aggregation=values["strategy.aggregation"],
+                trim_fraction=values["strategy.trim-fraction"],
             ),
             model=ModelSettings(
                 name=values["model.name"],
@@ -143,17 +176,39 @@ class RunConfig:
                 dynamic_data_seed=values["train.dynamic-data-seed"],
                 seed=values["train.seed"],
                 transport_dtype=values["train.transport-dtype"],
+                micro_batch_tokens=values["train.micro-batch-tokens"],
+                packing=values["train.packing"],
             ),
             data=DataSettings(
                 name=values["static.dataset.name"],
                 holdout_fraction=values["dataset.holdout-fraction"],
             ),
-            results=ResultsSettings(dir=values["results.dir"], run_name=values["results.run-name"]),
+            results=ResultsSettings(
+                dir=values["results.dir"],
+                run_name=values["results.run-name"],
+                resume=values["results.resume"],
+            ),
+            validation=ValidationSettings(
+                every_rounds=values["validation.every-rounds"],
+                num_problems=values["validation.num-problems"],
+                max_new_tokens=values["validation.max-new-tokens"],
+                data_dir=values["validation.data-dir"],
+            ),
         )
         if config.train.learning_rate_min > config.train.learning_rate_max:
             raise ConfigError(
                 f"config key 'train.learning-rate-min': {config.train.learning_rate_min} is "
                 f"greater than train.learning-rate-max {config.train.learning_rate_max}"
+            )
+        if config.strategy.min_train_replies > config.strategy.min_train_nodes:
+            raise ConfigError(
+                f"config key 'strategy.min-train-replies': {config.strategy.min_train_replies} "
+                f"is greater than strategy.min-train-nodes {config.strategy.min_train_nodes}, "
+                "so no round could ever be aggregated"
+            )
+        if config.results.resume and not config.results.run_name:
+            raise ConfigError(
+                "config key 'results.resume': true needs results.run-name, the run to continue"
             )
         return config
 
@@ -161,8 +216,13 @@ class RunConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """A stable hash of every setting, used to refuse resuming a different run."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """A stable hash of every setting, used to refuse resuming a different run.
+
+        `results.resume` is left out: it says how to start, not what the run is.
+        """
+        settings = self.to_dict()
+        settings["results"].pop("resume")
+        blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -239,6 +299,15 @@ _KEYS: dict[str, _Key] = {
         lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
     ),
     "strategy.min-train-nodes": _Key(int, StrategySettings.min_train_nodes, _positive),
+    "strategy.min-train-replies": _Key(int, StrategySettings.min_train_replies, _positive),
+    "strategy.max-round-retries": _Key(int, StrategySettings.max_round_retries, _non_negative),
+    "strategy.round-timeout": _Key(float, StrategySettings.round_timeout, _non_negative),
+    "strategy.aggregation": _Key(str, StrategySettings.aggregation, _one_of(AGGREGATIONS)),
+    "strategy.trim-fraction": _Key(
+        float,
+        StrategySettings.trim_fraction,
+        lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)",
+    ),
     "model.name": _Key(str, ModelSettings.name, _non_empty),
     "model.quantization": _Key(int, ModelSettings.quantization, _one_of(QUANTIZATION_CHOICES)),
     "model.gradient-checkpointing": _Key(bool, ModelSettings.gradient_checkpointing),
@@ -264,6 +333,8 @@ _KEYS: dict[str, _Key] = {
     "train.dynamic-data-seed": _Key(bool, TrainSettings.dynamic_data_seed),
     "train.seed": _Key(int, TrainSettings.seed, _non_negative),
     "train.transport-dtype": _Key(str, TrainSettings.transport_dtype, _one_of(TRANSPORT_DTYPES)),
+    "train.micro-batch-tokens": _Key(int, TrainSettings.micro_batch_tokens, _non_negative),
+    "train.packing": _Key(bool, TrainSettings.packing),
     f"{_TA}.per-device-train-batch-size": _Key(int, TrainSettings.batch_size, _positive),
     f"{_TA}.gradient-accumulation-steps": _Key(
         int, TrainSettings.gradient_accumulation_steps, _positive
@@ -282,4 +353,13 @@ _KEYS: dict[str, _Key] = {
         ResultsSettings.run_name,
         lambda v: None if "/" not in v and v not in (".", "..") else "must be a plain name",
     ),
+    "results.resume": _Key(bool, ResultsSettings.resume),
+    "validation.every-rounds": _Key(int, ValidationSettings.every_rounds, _non_negative),
+    "validation.num-problems": _Key(
+        int,
+        ValidationSettings.num_problems,
+        lambda v: None if 1 <= v <= 90 else "must be in [1, 90] (MBPP task_id 511-600)",
+    ),
+    "validation.max-new-tokens": _Key(int, ValidationSettings.max_new_tokens, _positive),
+    "validation.data-dir": _Key(str, ValidationSettings.data_dir),
 }

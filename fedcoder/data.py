@@ -8,6 +8,12 @@ Every source resolves to a `datasets.Dataset` with the string columns instructio
   can tune on its own private code;
 - ``builtin:python-stdlib``: the same extraction applied to this interpreter's standard library.
 
+A local file is validated row by row before training: each row needs string instruction and
+output columns, and may not exceed MAX_ROW_BYTES (1 MB of UTF-8 across its three columns). The
+limit is far above any useful example (seq-length tokens are a few KB of text), so a row that
+large is a broken export or a stray binary blob, and refusing it names the file and line rather
+than letting one row exhaust a client's memory in tokenization.
+
 Partitions are IID shards of the whole dataset shuffled with the seed, made exactly as
 ``FederatedDataset`` with an ``IidPartitioner`` makes them, so a local copy of a Hub dataset
 gives every client the same rows as the Hub.
@@ -122,7 +128,9 @@ def _validated(row: object, where: str) -> dict[str, str]:
         raise DataError(f"{where}: expected an object with {'/'.join(COLUMNS)}, got {row!r:.40}")
     for column in _REQUIRED:
         if column not in row:
-            raise DataError(f"{where}: missing required column '{column}'")
+            raise DataError(
+                f"{where}: missing required column '{column}' (found: {', '.join(map(str, row))})"
+            )
     record = {column: row.get(column) for column in COLUMNS}
     if record["input"] is None:
         record["input"] = ""
@@ -344,8 +352,8 @@ def _hub_errors(name: str) -> Iterator[None]:
     except OSError as err:  # offline, unknown id, gated repo: all OSError subclasses
         raise DataError(
             f"cannot load dataset '{name}' from the Hugging Face Hub ({type(err).__name__}); "
-            f"offline, point dataset.name at a local .jsonl/.json/.parquet file, a directory "
-            f"of Python code or {BUILTIN_STDLIB}"
+            f"offline, point static.dataset.name at a local .jsonl/.json/.parquet file, "
+            f"a directory of Python code or {BUILTIN_STDLIB}"
         ) from err
 
 
@@ -614,3 +622,88 @@ def collate(
         labels[row, :length] = torch.tensor(example.labels)
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pack_rows(examples: Sequence[TokenizedExample], row_length: int) -> list[list[int]]:
+    """Indices of `examples` in rows of at most `row_length` tokens, by first-fit decreasing.
+
+    An example longer than `row_length` gets a row of its own.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    for index in by_length:
+        length = len(examples[index].input_ids)
+        row = next((r for r, space in enumerate(free) if space >= length), None)
+        if row is None:
+            rows.append([index])
+            free.append(row_length - length)
+        else:
+            rows[row].append(index)
+            free[row] -= length
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) -> dict:
+    """Batch rows that each hold several examples end to end, with no attention across them.
+
+    Positions restart at 0 for every example: transformers turns such position_ids into a
+    block-diagonal causal mask (sdpa, eager) or variable-length attention (flash attention),
+    so each example sees exactly the context it would see alone. The first label of every
+    example is ignored, because the previous example's last token would otherwise be trained
+    to predict it; unpacked, that label is never a target either. The padding after a row's
+    last example forms a segment of its own with no labels, and there is no attention_mask:
+    transformers detects packing only without one.
+    """
+    if not rows or not all(rows):
+        raise ValueError("cannot collate an empty row")
+    width = max(sum(len(example.input_ids) for example in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    position_ids = torch.zeros_like(input_ids)
+    for r, row in enumerate(rows):
+        start = 0
+        for example in row:
+            end = start + len(example.input_ids)
+            input_ids[r, start:end] = torch.tensor(example.input_ids)
+            labels[r, start + 1 : end] = torch.tensor(example.labels[1:])
+            position_ids[r, start:end] = torch.arange(end - start)
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def micro_batches(
+    examples: Sequence[TokenizedExample],
+    pad_token_id: int,
+    *,
+    max_tokens: int,
+    row_length: int,
+    packing: bool,
+) -> list[dict[str, torch.Tensor]]:
+    """One optimizer step's examples as micro-batches of at most `max_tokens` tokens each.
+
+    Tokens are counted with padding (rows x width); 0 means no limit. A single row or example
+    larger than the budget still forms a micro-batch. With `packing`, examples share rows of
+    `row_length` tokens (`collate_packed`); without it, consecutive examples are padded to
+    the longest of their micro-batch (`collate`), so `max_tokens=0` gives the plain batch.
+    """
+    if packing:
+        groups = [[examples[i] for i in row] for row in pack_rows(examples, row_length)]
+        groups.sort(key=lambda row: -sum(len(example.input_ids) for example in row))
+        length = [sum(len(example.input_ids) for example in row) for row in groups]
+    else:
+        groups = [[example] for example in examples]
+        length = [len(example.input_ids) for example in examples]
+    batches: list[list[list[TokenizedExample]]] = []
+    width = 0
+    for group, size in zip(groups, length, strict=True):
+        if batches and (not max_tokens or (len(batches[-1]) + 1) * max(width, size) <= max_tokens):
+            batches[-1].append(group)
+            width = max(width, size)
+        else:
+            batches.append([group])
+            width = size
+    if packing:
+        return [collate_packed(batch, pad_token_id) for batch in batches]
+    return [collate([group[0] for group in batch], pad_token_id) for batch in batches]

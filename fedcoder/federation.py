@@ -1,15 +1,19 @@
-"""The server's round loop: send the global adapter, aggregate, record, checkpoint.
+"""The server's round loop: send the global adapter, aggregate, record, persist.
 
-Flower's `Strategy.start` runs the same loop, but always from round 1 and
-without per-round hooks; fedcoder needs to persist after every round and to
-count the bytes of every payload, so the loop is written out here, calling the
-strategy's own `configure_train` and `aggregate_train`.
+Flower's `Strategy.start` runs the same loop, but always from round 1, without
+per-round hooks and without retrying a failed round; fedcoder persists its
+state after every round (so a killed server resumes where it stopped), counts
+the bytes of every payload, and retries a round that got too few valid
+replies. The strategy's own `configure_train` and `aggregate_train` do the
+sampling and the averaging.
 """
 
 from __future__ import annotations
 
 import time
-from logging import INFO
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -20,9 +24,12 @@ from fedcoder.aggregation import AdapterFedAvg
 from fedcoder.communication import MIB, CommunicationLog, payload_bytes
 from fedcoder.config import RunConfig
 from fedcoder.results import RunDirectory
+from fedcoder.run_state import RunState
 from fedcoder.training import cosine_lr
 
-ROUND_TIMEOUT_S = 24 * 3600.0
+
+class RoundFailedError(RuntimeError):
+    """A round got too few valid replies in every allowed attempt."""
 
 
 def build_strategy(config: RunConfig) -> AdapterFedAvg:
@@ -32,7 +39,35 @@ def build_strategy(config: RunConfig) -> AdapterFedAvg:
         transport_dtype=config.train.transport_dtype,
         max_examples=config.train.examples_per_round,
         seed=config.train.seed,
+        min_train_replies=config.strategy.min_train_replies,
+        aggregation=config.strategy.aggregation,
+        trim_fraction=config.strategy.trim_fraction,
     )
+
+
+@dataclass
+class _Attempt:
+    """One try at a round: who was asked, what came back, what was used."""
+
+    sampled: list[int]
+    replies: list[Message]
+    bytes_down: int
+    bytes_up: int
+    aggregated: ArrayRecord | None
+    metrics: Any
+    dropped: list[tuple[int, str]] = field(default_factory=list)
+
+    def record(self, strategy: AdapterFedAvg) -> dict[str, Any]:
+        answered = {reply.metadata.src_node_id for reply in self.replies}
+        return {
+            "sampled": [strategy.identity(node) for node in self.sampled],
+            "dropped": [
+                {"node_id": node, "client": strategy.identity(node), "reason": why}
+                for node, why in self.dropped
+            ],
+            "no_reply": [strategy.identity(n) for n in self.sampled if n not in answered],
+            "aggregated": self.aggregated is not None,
+        }
 
 
 def run_federation(
@@ -41,15 +76,25 @@ def run_federation(
     run: RunDirectory,
     initial_state: dict[str, torch.Tensor],
     base_model: str,
+    resume_from: RunState | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run every round; return the final global adapter (float32 tensors)."""
+    """Run the remaining rounds; return the final global adapter (float32 tensors)."""
     strategy = build_strategy(config)
     strategy.summary()
     total_rounds = config.num_server_rounds
-    global_arrays = ArrayRecord({k: v.float() for k, v in initial_state.items()})
     comm = CommunicationLog()
+    first_round = 1
+    global_state = {k: v.float() for k, v in initial_state.items()}
+    if resume_from is not None:
+        strategy.rng.setstate(resume_from.rng_state)
+        comm = CommunicationLog(resume_from.bytes_down, resume_from.bytes_up)
+        global_state = resume_from.adapter
+        first_round = resume_from.round + 1
+        log(INFO, "resuming %s after round %d", run.path, resume_from.round)
+    global_arrays = ArrayRecord(global_state)
+    validator = _validator(config, base_model)
 
-    for server_round in range(1, total_rounds + 1):
+    for server_round in range(first_round, total_rounds + 1):
         started = time.perf_counter()
         lr = cosine_lr(
             server_round,
@@ -57,36 +102,42 @@ def run_federation(
             config.train.learning_rate_max,
             config.train.learning_rate_min,
         )
-        train_config = ConfigRecord({"lr": lr, "num-server-rounds": total_rounds})
-        messages = list(strategy.configure_train(server_round, global_arrays, train_config, grid))
-        bytes_down = sum(payload_bytes(m.content[strategy.arrayrecord_key]) for m in messages)
-        replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
-        bytes_up = sum(
-            payload_bytes(r.content[strategy.arrayrecord_key])
-            for r in replies
-            if not r.has_error() and strategy.arrayrecord_key in r.content
-        )
-        aggregated, metrics = strategy.aggregate_train(server_round, replies)
-        if aggregated is None:
-            raise RuntimeError(f"round {server_round}: no valid client reply ({strategy.dropped})")
-        global_arrays = aggregated
-        dropped_nodes = {node for node, _ in strategy.dropped}
-        clients = [
-            _client_entry(r)
-            for r in replies
-            if not r.has_error() and r.metadata.src_node_id not in dropped_nodes
+        attempts = []
+        for _ in range(1 + config.strategy.max_round_retries):
+            attempt = _attempt_round(grid, strategy, config, global_arrays, server_round, lr)
+            attempts.append(attempt)
+            comm.bytes_down += attempt.bytes_down
+            comm.bytes_up += attempt.bytes_up
+            if attempt.aggregated is not None:
+                break
+            log(WARNING, "round %d: too few valid replies (%s)", server_round, attempt.dropped)
+        else:
+            raise RoundFailedError(
+                f"round {server_round}: fewer than {config.strategy.min_train_replies} valid "
+                f"replies in {len(attempts)} attempts (strategy.max-round-retries); the run "
+                "can be continued later with results.resume=true"
+            )
+        global_arrays = attempt.aggregated
+        dropped = {node for node, _ in attempt.dropped}
+        accepted = [
+            r
+            for r in attempt.replies
+            if not r.has_error() and r.metadata.src_node_id not in dropped
         ]
-        comm.bytes_down += bytes_down
-        comm.bytes_up += bytes_up
-
-        entry = {
+        clients = sorted(  # replies arrive in any order
+            (_client_entry(strategy, r) for r in accepted), key=lambda c: c["client"]
+        )
+        bytes_down = sum(a.bytes_down for a in attempts)
+        bytes_up = sum(a.bytes_up for a in attempts)
+        entry: dict[str, Any] = {
             "round": server_round,
             "lr": lr,
-            "train_loss": float(metrics["train_loss"]),
+            "train_loss": float(attempt.metrics["train_loss"]),
             "clients": clients,
-            "dropped": [{"node_id": node, "reason": why} for node, why in strategy.dropped],
+            "dropped": attempts[-1].record(strategy)["dropped"],
+            "attempts": [a.record(strategy) for a in attempts],
+            "retries": len(attempts) - 1,
             "examples": sum(int(client["num-examples"]) for client in clients),
-            "seconds": time.perf_counter() - started,
             "bytes_down": bytes_down,
             "bytes_up": bytes_up,
             "mb_round": (bytes_down + bytes_up) / MIB,
@@ -94,25 +145,83 @@ def run_federation(
             "mb_cumulative": comm.total_mb,
             "gb_cumulative": comm.total_gb,
         }
-        if server_round % config.train.save_every_round == 0 or server_round == total_rounds:
-            path = run.save_checkpoint(
-                server_round, global_arrays.to_torch_state_dict(), base_model
-            )
-            entry["checkpoint"] = path.name
+        state = global_arrays.to_torch_state_dict()
+        validate = validator is not None and (
+            server_round % config.validation.every_rounds == 0 or server_round == total_rounds
+        )
+        if validate:
+            entry["validation"] = validator.score(state)
+        if (
+            validate
+            or server_round % config.train.save_every_round == 0
+            or server_round == total_rounds
+        ):
+            entry["checkpoint"] = run.save_checkpoint(server_round, state, base_model).name
+        entry["seconds"] = time.perf_counter() - started
         run.record_round(entry)
+        run.save_state(
+            RunState(
+                round=server_round,
+                adapter=state,
+                rng_state=strategy.rng.getstate(),
+                bytes_down=comm.bytes_down,
+                bytes_up=comm.bytes_up,
+                rounds=run.rounds,
+                fingerprint=config.fingerprint(),
+            )
+        )
         log(
             INFO,
-            "round %d/%d: loss %.4f, lr %.3g, %.1f s, communication %.2f MB (total %.2f MB)",
+            "round %d/%d: loss %.4f, lr %.3g, %.1f s, %d retries, %.2f MB (total %.2f MB)%s",
             server_round,
             total_rounds,
             entry["train_loss"],
             lr,
             entry["seconds"],
+            entry["retries"],
             entry["mb_round"],
             comm.total_mb,
+            f", validation pass@1 {entry['validation']['pass@1']:.3f}" if validate else "",
         )
     return global_arrays.to_torch_state_dict()
 
 
-def _client_entry(reply: Message) -> dict:
-    return {"node_id": reply.metadata.src_node_id, **dict(reply.content["metrics"])}
+def _client_entry(strategy: AdapterFedAvg, reply: Message) -> dict[str, Any]:
+    node = reply.metadata.src_node_id
+    return {"node_id": node, "client": strategy.identity(node), **dict(reply.content["metrics"])}
+
+
+def _attempt_round(
+    grid: Grid,
+    strategy: AdapterFedAvg,
+    config: RunConfig,
+    global_arrays: ArrayRecord,
+    server_round: int,
+    lr: float,
+) -> _Attempt:
+    train_config = ConfigRecord({"lr": lr, "num-server-rounds": config.num_server_rounds})
+    messages = list(strategy.configure_train(server_round, global_arrays, train_config, grid))
+    key = strategy.arrayrecord_key
+    timeout = config.strategy.round_timeout or None
+    # Replies not in by the timeout count as missing; Flower drops them when they come.
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    aggregated, metrics = strategy.aggregate_train(server_round, replies)
+    return _Attempt(
+        sampled=[m.metadata.dst_node_id for m in messages],
+        replies=replies,
+        bytes_down=sum(payload_bytes(m.content[key]) for m in messages),
+        bytes_up=sum(
+            payload_bytes(r.content[key]) for r in replies if not r.has_error() and key in r.content
+        ),
+        aggregated=aggregated,
+        metrics=metrics,
+        dropped=list(strategy.dropped),
+    )
+
+
+def _validator(config: RunConfig, base_model: str):
+    if config.validation.every_rounds == 0:
+        return None
+    from fedcoder.validation import Validator  # loads the eval stack only when asked for
+
+    return Validator(config, base_model)

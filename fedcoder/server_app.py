@@ -23,5 +23,12 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_flat(context.run_config)
     load_records(config.data.name)  # fails here, naming the file/row/column, if unusable
     initial = initial_adapter(config.model, seed=config.train.seed)
-    run = RunDirectory.create(config)
-    run_federation(grid, config, run, initial, base_model=resolve_model_path(config.model.name))
+    run, saved = RunDirectory.open(config)  # with results.resume: continue after `saved`
+    run_federation(
+        grid,
+        config,
+        run,
+        initial,
+        base_model=resolve_model_path(config.model.name),
+        resume_from=saved,
+    )

@@ -4,38 +4,29 @@
 outlives the run, and by default builds a fresh environment per run (pulling a
 multi-GB CUDA torch). This launcher starts that SuperLink itself, with runtime
 dependency installation off and a private FLWR_HOME, streams the run, and then
-stops exactly the processes it started (by PID / process group).
+stops exactly the processes it started (by PID, `fedcoder.processes`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-import psutil
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _bin(name: str) -> str:
-    # Prefer the executable next to the running interpreter (the venv's), so a
-    # run never picks up another installation's Flower.
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
+from fedcoder.processes import (
+    flower_env,
+    flower_executable,
+    free_port,
+    healthy,
+    latest_run_status,
+    process_tree,
+    processes_with_home,
+    stop_processes,
+    wait_until,
+)
 
 
 @dataclass
@@ -43,21 +34,16 @@ class LocalSuperLink:
     """A simulation SuperLink on loopback, owned by this process."""
 
     flwr_home: Path
-    http_port: int = field(default_factory=_free_port)
-    control_port: int = field(default_factory=_free_port)
+    http_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
     @property
     def env(self) -> dict[str, str]:
         return {
-            **os.environ,
-            # flower-superlink starts flower-superexec by name: put the venv first.
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_HOME": str(self.flwr_home),
+            **flower_env(self.flwr_home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
         }
 
     def start(self, timeout_s: float = 60.0) -> None:
@@ -67,7 +53,7 @@ class LocalSuperLink:
             '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         )
         command = [
-            _bin("flower-superlink"), "--insecure", "--simulation",
+            flower_executable("flower-superlink"), "--insecure", "--simulation",
             "--isolation", "subprocess",
             "--disable-runtime-dependency-installation",
             "--control-api-address", f"127.0.0.1:{self.control_port}",
@@ -82,33 +68,21 @@ class LocalSuperLink:
             stderr=subprocess.DEVNULL,
             cwd=Path.cwd(),  # relative results.dir resolves against where the user ran us
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"flower-superlink exited with code {self.process.returncode}; "
-                    f"see {runtime / 'superlink.log'}"
-                )
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.http_port}/health", timeout=1).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"flower-superlink did not become healthy within {timeout_s:.0f} s")
+        try:
+            wait_until(
+                lambda: healthy(f"http://127.0.0.1:{self.http_port}"),
+                self.process,
+                what="flower-superlink",
+                timeout_s=timeout_s,
+                log=runtime / "superlink.log",
+            )
+        except RuntimeError:
+            self.stop()
+            raise
 
     def run_status(self) -> str:
         """Status of the most recent run on this SuperLink, e.g. 'finished:completed'."""
-        listing = subprocess.run(
-            [_bin("flwr"), "ls", "local", "--format", "json"],
-            env=self.env, capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        try:
-            runs = json.loads(listing.stdout)["runs"]
-        except (json.JSONDecodeError, KeyError):
-            return "unknown"
-        return runs[-1]["status"] if runs else "unknown"
+        return latest_run_status(self.env, "local")
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop the SuperLink and every process it started, by PID.
@@ -119,20 +93,23 @@ class LocalSuperLink:
         """
         if self.process is None:
             return
-        try:
-            root = psutil.Process(self.process.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for proc in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        _, alive = psutil.wait_procs(tree, timeout=grace_s)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=grace_s)
+        tree = process_tree(self.process.pid)
+        tree += [p for p in processes_with_home(self.flwr_home) if p not in tree]
+        stop_processes(tree, grace_s)
         self.process.wait()
+
+
+def default_client_gpus() -> float:
+    """One GPU per client where CUDA GPUs are visible, else none.
+
+    Ray hides every GPU from a worker that asked for none (it sets
+    CUDA_VISIBLE_DEVICES to ""), so a default of 0 on a GPU host would train
+    on the CPU without a word. With 1, Ray gives each concurrent client a GPU
+    of its own: clients never share one unless a fraction asks for it.
+    """
+    import torch
+
+    return 1.0 if torch.cuda.device_count() > 0 else 0.0
 
 
 def run_simulation(
@@ -140,12 +117,14 @@ def run_simulation(
     *,
     num_supernodes: int = 10,
     client_cpus: int = 1,
-    client_gpus: float = 0.0,
+    client_gpus: float | None = None,
     run_config: list[str] | None = None,
     flwr_home: Path | None = None,
     timeout_s: float | None = None,
 ) -> int:
     """Run the app to completion with `flwr run --stream`; return its exit code."""
+    if client_gpus is None:
+        client_gpus = default_client_gpus()
     home = flwr_home or Path(tempfile.mkdtemp(prefix="fedcoder-flwr-home-"))
     superlink = LocalSuperLink(home)
     federation = (
@@ -153,7 +132,7 @@ def run_simulation(
         f"client-resources-num-gpus={client_gpus}"
     )
     command = [
-        _bin("flwr"),
+        flower_executable("flwr"),
         "run",
         str(app_dir),
         "local",

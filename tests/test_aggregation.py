@@ -1,11 +1,13 @@
 """The server strategy: example-weighted fp32 FedAvg, and bad replies dropped."""
 
+import random
+
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedcoder.aggregation import AdapterFedAvg
+from fedcoder.aggregation import IDENTITY_KEY, AdapterFedAvg
 from fedcoder.communication import encode
 
 # Flower creates messages inside a running app, which sets the run identity.
@@ -62,6 +64,7 @@ def test_bf16_transport_is_averaged_in_fp32():
          "non-finite"),
         (reply({**filled(1.0), "m.lora_A.weight": torch.zeros(3, 2)}, 10), "shape"),
         (reply({"m.lora_A.weight": torch.zeros(2, 3)}, 10), "keys differ"),
+        (reply(filled(1.0), 10, transport="float16"), "dtype"),
         (reply(filled(1.0), 10**9), "num-examples"),
         (reply(filled(1.0), 0), "num-examples"),
     ],
@@ -79,15 +82,75 @@ def test_no_valid_reply_gives_nothing():
     assert s.aggregate_train(1, [reply(filled(1.0), 0)]) == (None, None)
 
 
-def test_sampling_is_seeded():
-    class Grid:
-        def get_node_ids(self):
-            return list(range(100, 110))
+class FakeGrid:
+    """Nodes with fresh random ids each time (as in every new simulation) that answer
+    the strategy's identity query with the partition they hold."""
 
-    first = [strategy().sample(Grid()) for _ in range(3)]
-    assert first[0] == first[1] == first[2] and len(first[0]) == 2
+    def __init__(self, seed: int, partitions: int = 10):
+        ids = random.Random(seed).sample(range(1, 10**9), partitions)
+        self.partition_of = dict(zip(ids, range(partitions), strict=True))
+
+    def get_node_ids(self):
+        return list(self.partition_of)
+
+    def send_and_receive(self, messages, timeout=None):
+        for msg in messages:
+            assert msg.metadata.message_type == MessageType.QUERY
+            identity = f"partition {self.partition_of[msg.metadata.dst_node_id]}/10"
+            content = RecordDict({"identity": ConfigRecord({IDENTITY_KEY: identity})})
+            yield Message(content, reply_to=msg)
+
+
+def sampled_partitions(s: AdapterFedAvg, grid: FakeGrid, rounds: int) -> list[list[int]]:
+    return [[grid.partition_of[node] for node in s.sample(grid)] for _ in range(rounds)]
+
+
+def test_sampling_is_seeded_and_follows_data_not_node_ids():
+    # Same seed, different node ids (a restarted simulation): same partitions each round.
+    first = sampled_partitions(strategy(), FakeGrid(seed=1), rounds=5)
+    again = sampled_partitions(strategy(), FakeGrid(seed=2), rounds=5)
+    assert first == again and all(len(chosen) == 2 for chosen in first)
+    assert len({tuple(chosen) for chosen in first}) > 1  # rounds differ
+
+
+def test_sampling_state_can_be_saved_and_restored():
+    grid = FakeGrid(seed=3)
     s = strategy()
-    assert len({tuple(s.sample(Grid())) for _ in range(10)}) > 1
+    sampled_partitions(s, grid, rounds=2)
+    saved = s.rng.getstate()
+    expected = sampled_partitions(s, grid, rounds=3)
+    restored = strategy()
+    restored.rng.setstate(saved)
+    assert sampled_partitions(restored, FakeGrid(seed=4), rounds=3) == expected
+
+
+def test_too_few_valid_replies_aggregate_nothing():
+    s = strategy()
+    s.min_train_replies = 2
+    assert s.aggregate_train(1, [reply(filled(1.0), 10), reply(filled(1.0), 0)]) == (None, None)
+    assert len(s.dropped) == 1
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed-mean"])
+def test_robust_aggregation_bounds_one_hostile_client(method):
+    s = strategy()
+    s.aggregation, s.trim_fraction = method, 0.2
+    honest = [reply(filled(v), 10) for v in (1.0, 2.0, 3.0, 4.0)]
+    hostile = reply(filled(1e6), 160)  # large update and a large claimed weight
+    arrays, _ = s.aggregate_train(1, [*honest, hostile])
+    for value in arrays.to_torch_state_dict().values():
+        # median of 1,2,3,4,1e6 is 3; trimming one per side leaves mean(2,3,4) = 3
+        assert torch.equal(value, torch.full_like(value, 3.0))
+    plain, _ = strategy().aggregate_train(1, [*honest, hostile])
+    assert plain.to_torch_state_dict()["m.lora_A.weight"].max() > 1e5
+
+
+def test_median_of_an_even_count_is_the_middle_mean():
+    s = strategy()
+    s.aggregation = "median"
+    arrays, _ = s.aggregate_train(1, [reply(filled(v), 10) for v in (1.0, 2.0, 4.0, 8.0)])
+    value = arrays.to_torch_state_dict()["m.lora_A.weight"]
+    assert torch.equal(value, torch.full_like(value, 3.0))
 
 
 def test_array_record_input_is_unchanged():

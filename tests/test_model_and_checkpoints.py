@@ -47,7 +47,7 @@ def test_unknown_target_module_is_named(tiny_model_dir):
 
 
 def test_missing_model_path_is_named(tmp_path):
-    with pytest.raises(ModelError, match="not a model directory"):
+    with pytest.raises(ModelError, match="nowhere': no such file or directory"):
         resolve_model_path(str(tmp_path / "nowhere"))
 
 

@@ -15,22 +15,13 @@ from peft import PeftModel
 from fedcoder.communication import encode, payload_bytes
 from fedcoder.config import RunConfig
 from fedcoder.model import adapter_state, initial_adapter, load_base_model
+from fedcoder.processes import processes_with_home
 from fedcoder.training import cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 3
 
 pytestmark = pytest.mark.slow
-
-
-def _flower_processes() -> set[int]:
-    names = ("flower", "flwr", "raylet", "gcs_server", "ray::", "ClientAppActor")
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(name in cmdline for name in names):
-            found.add(proc.info["pid"])
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +50,14 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     }
     config_file = work / "run.toml"
     config_file.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in overrides.items()))
-    before = _flower_processes()
     result = subprocess.run(
         [sys.executable, "-m", "fedcoder.cli", "run", "--app", str(ROOT),
          "--config", str(config_file), "--flwr-home", str(work / "flwr-home")],
         capture_output=True, text=True, timeout=600, cwd=work,
         env={**os.environ, "RAY_DEDUP_LOGS": "0"},
     )  # fmt: skip
-    leftovers = _flower_processes() - before
+    # Everything the run started inherits its private FLWR_HOME.
+    leftovers = {p.pid for p in processes_with_home(work / "flwr-home")}
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = work / "results" / "e2e"
     return {

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from fedcoder.evaluation.errors import EvalError
 from fedcoder.evaluation.settings import GenerationSettings
-from fedcoder.evaluation.tasks import MODES, TASK_NAMES
+from fedcoder.evaluation.tasks import MODES, TASK_NAMES, TASKS
 
 _DESCRIPTION = """\
 Score code generation on HumanEval, MBPP, MultiPL-E C++ and MultiPL-E JavaScript,
@@ -45,7 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--tasks",
         default=",".join(TASK_NAMES),
-        help=f"comma-separated, from {','.join(TASK_NAMES)} (default: all)",
+        help=f"comma-separated, from {','.join(TASKS)} (default: {','.join(TASK_NAMES)}; "
+        "mbpp-validation is MBPP's validation split, task_id 511-600)",
     )
     parser.add_argument("--limit", type=int, metavar="N", help="first N problems of each task")
     parser.add_argument(
@@ -85,6 +85,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=int,
         metavar="TOKENS",
         help="prompt + generated tokens (default: 1024, MBPP 2048)",
+    )
+    generation.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="TOKENS",
+        help="also cap the generated tokens (default: no cap beyond --max-length)",
     )
     generation.add_argument(
         "--batch-size", type=int, default=8, help="sequences generated together (default 8)"
@@ -135,7 +141,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run `fedcoder eval`; bad input prints one line to stderr and returns 2."""
+    """Run `fedcoder eval`; bad input raises EvalError, which `fedcoder` prints as one line."""
     from fedcoder.evaluation.harness import evaluate, score_completions
     from fedcoder.sandbox import Limits
 
@@ -145,32 +151,28 @@ def run_from_args(args: argparse.Namespace) -> int:
         cpp_compile_timeout_s=args.timeout_cpp,
         cpp_run_timeout_s=args.timeout_cpp,
     )
-    try:
-        common = {
-            "out_dir": args.out,
-            "tasks": _task_list(args.tasks),
-            "limit": args.limit,
-            "data_dir": args.data_dir,
-            "limits": limits,
-            "workers": args.workers,
-        }
-        if args.completions is None:
-            results = evaluate(
-                args.base,
-                adapter=args.adapter,
-                settings=_settings(args),
-                quantization=args.quantization,
-                dtype=None if args.dtype == "auto" else args.dtype,
-                device=args.device,
-                **common,
-            )
-        elif args.adapter is not None:
-            raise EvalError("--adapter goes with --base, not with --completions")
-        else:
-            results = score_completions(args.completions, mode=args.mode, **common)
-    except EvalError as err:
-        print(f"fedcoder eval: error: {err}", file=sys.stderr)
-        return 2
+    common = {
+        "out_dir": args.out,
+        "tasks": _task_list(args.tasks),
+        "limit": args.limit,
+        "data_dir": args.data_dir,
+        "limits": limits,
+        "workers": args.workers,
+    }
+    if args.completions is None:
+        results = evaluate(
+            args.base,
+            adapter=args.adapter,
+            settings=_settings(args),
+            quantization=args.quantization,
+            dtype=None if args.dtype == "auto" else args.dtype,
+            device=args.device,
+            **common,
+        )
+    elif args.adapter is not None:
+        raise EvalError("--adapter goes with --base, not with --completions")
+    else:
+        results = score_completions(args.completions, mode=args.mode, **common)
     print(_summary(results))
     print(f"details: {Path(args.out) / 'results.md'}, samples: {Path(args.out) / 'samples.jsonl'}")
     return 0
@@ -185,15 +187,16 @@ def _settings(args: argparse.Namespace) -> GenerationSettings:
         top_p=args.top_p,
         seed=args.seed,
         max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
     )
 
 
 def _task_list(value: str) -> list[str]:
     tasks = [t.strip() for t in value.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASK_NAMES] or ([] if tasks else [value])
+    unknown = [t for t in tasks if t not in TASKS] or ([] if tasks else [value])
     if unknown:
-        raise EvalError(f"unknown task '{unknown[0]}' (choose from {','.join(TASK_NAMES)})")
+        raise EvalError(f"unknown task '{unknown[0]}' (choose from {','.join(TASKS)})")
     return tasks
 
 

@@ -27,16 +27,19 @@ def read_completions(
     at a time; anything malformed fails with its line number.
     """
     completions: dict[tuple[str, str], list[str]] = defaultdict(list)
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            task, problem_id, completion = _parse(line, f"{path} line {number}")
-            if task not in problem_ids:
-                continue
-            if problem_id not in problem_ids[task]:
-                raise EvalError(f"{path} line {number}: unknown {task} problem_id '{problem_id}'")
-            completions[task, problem_id].append(completion)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise EvalError(f"{path}: not UTF-8 (bad byte at offset {err.start})") from None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        task, problem_id, completion = _parse(line, f"{path} line {number}")
+        if task not in problem_ids:
+            continue
+        if problem_id not in problem_ids[task]:
+            raise EvalError(f"{path} line {number}: unknown {task} problem_id '{problem_id}'")
+        completions[task, problem_id].append(completion)
     for task in problem_ids:
         if not any(key[0] == task for key in completions):
             raise EvalError(

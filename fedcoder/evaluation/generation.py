@@ -2,16 +2,18 @@
 
 Prompts are sorted by length and left-padded into batches, so one forward pass
 serves many prompts with little padding. Each sequence gets exactly the token
-budget it would get alone (max_length minus its own prompt length), and a
-sequence is done once it emits EOS, spends its budget, or produces a stop
-string; generation ends when every sequence in the batch is done.
+budget it would get alone (max_length minus its own prompt length, at most
+max_new_tokens), and a sequence is done once it emits EOS, spends its budget,
+or produces a stop string; generation ends when every sequence in the batch is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -48,7 +50,7 @@ def load_model(
     from fedcoder.model import ModelError, load_base_model
 
     if adapter is not None:
-        _check_adapter_config(Path(adapter))  # before the base model, which may take minutes
+        saved = _read_adapter(Path(adapter))  # before the base model, which may take minutes
     try:
         model, tokenizer = load_base_model(
             base,
@@ -63,15 +65,23 @@ def load_model(
             model = PeftModel.from_pretrained(model, str(adapter))
         except Exception as err:  # PEFT raises many types for a broken or mismatched adapter
             raise _adapter_error(adapter, err) from err
+        _check_adapter_weights(model, Path(adapter), saved)
         if not quantization:  # merged weights run as fast as the base model
             model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
 
 
-def _check_adapter_config(adapter: Path) -> None:
-    from peft import PeftConfig
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's file names
 
+
+def _read_adapter(adapter: Path) -> set[str]:
+    """Check an adapter directory's config and weights; return the names of its tensors."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    if not adapter.is_dir():
+        raise EvalError(f"adapter '{adapter}': no such directory")
     if not (adapter / "adapter_config.json").is_file():
         raise EvalError(
             f"adapter '{adapter}' is not a PEFT adapter directory (no adapter_config.json)"
@@ -80,16 +90,69 @@ def _check_adapter_config(adapter: Path) -> None:
         PeftConfig.from_pretrained(str(adapter))
     except Exception as err:
         raise _adapter_error(adapter, err) from err
+    # Without weights PEFT takes the path for a Hub repo id and fails on its format.
+    if not any((adapter / name).is_file() for name in _ADAPTER_WEIGHTS):
+        raise EvalError(f"adapter '{adapter}' has no weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+    try:
+        return set(load_peft_weights(str(adapter), device="cpu"))
+    except Exception as err:
+        raise _adapter_error(adapter, err) from err
+
+
+def _check_adapter_weights(model: torch.nn.Module, adapter: Path, saved: set[str]) -> None:
+    """Refuse an adapter whose weights lack tensors that its adapter_config.json declares.
+
+    PEFT only warns about those and leaves them at their initial values (LoRA B = 0), so the
+    scores would silently be the base model's on those modules.
+    """
+    from peft import get_peft_model_state_dict
+
+    missing = sorted(get_peft_model_state_dict(model).keys() - saved)
+    if missing:
+        raise EvalError(
+            f"adapter '{adapter}' cannot be loaded: its weights lack {len(missing)} tensors "
+            f"that its adapter_config.json declares, e.g. {missing[0]}"
+        )
 
 
 def _adapter_error(adapter: str | Path, err: Exception) -> EvalError:
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return EvalError(f"adapter '{adapter}' cannot be loaded: {first_line}")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = lines or [type(err).__name__]
+    # torch's load_state_dict opens with a heading line ("Error(s) in loading state_dict
+    # for ...:"); the first size mismatch under it is what tells the user why.
+    reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return EvalError(f"adapter '{adapter}' cannot be loaded: {reason}")
 
 
 def default_dtype() -> str:
     """bfloat16 on a GPU; float32 on a CPU, where most processors run bfloat16 slowly."""
     return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+@contextlib.contextmanager
+def dora_caching(model: torch.nn.Module) -> Iterator[None]:
+    """PEFT's DoRA caching while an unmerged adapter generates (a no-op for other models).
+
+    Unmerged DoRA otherwise recomputes every layer's B @ A and weight norm at each
+    decoding step (on a 4- or 8-bit base, after dequantizing the weight), which costs
+    more than the step itself. The cache holds one weight-sized matrix per adapted
+    layer, so it is dropped afterwards, and dropped before too, so that nothing of a
+    previous adapter is reused.
+    """
+    from peft import PeftModel
+    from peft.helpers import DoraCaching
+
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    model.train()  # PEFT clears DoRA caches whenever a model enters train mode
+    model.eval()
+    try:
+        with DoraCaching():
+            yield
+    finally:
+        model.train()
+        model.eval()
 
 
 class StopOnStrings(StoppingCriteria):
@@ -110,15 +173,22 @@ class StopOnStrings(StoppingCriteria):
         # Every token decodes to at least one character, so a stop string just
         # completed lies within the last len(stop) tokens; one more for safety.
         self.window = max((len(s) for row in stops for s in row), default=0) + 1
+        self.stopped = [False] * len(stops)  # a sequence that hit a stop string stays done
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
     ) -> torch.BoolTensor:
         generated = input_ids[:, self.prompt_width :]
         done = self.budgets.to(input_ids.device) <= generated.shape[1]
-        tails = self.tokenizer.batch_decode(generated[:, -self.window :])
-        hits = [any(s in tail for s in row) for tail, row in zip(tails, self.stops, strict=True)]
-        return done | torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
+        # Decoding costs a tokenizer call per row every step, as much as the forward pass of
+        # a small model: decode only rows that have stop strings and have not hit one yet,
+        # from one copy to the host (rather than one per row).
+        pending = [i for i, row in enumerate(self.stops) if row and not self.stopped[i]]
+        if pending:
+            tails = self.tokenizer.batch_decode(generated[pending, -self.window :].tolist())
+            for i, tail in zip(pending, tails, strict=True):
+                self.stopped[i] = any(s in tail for s in self.stops[i])
+        return done | torch.tensor(self.stopped, dtype=torch.bool, device=input_ids.device)
 
 
 class Generator:
@@ -159,15 +229,16 @@ class Generator:
         completions = [[""] * settings.n_samples for _ in problems]
         starts = range(0, len(jobs), settings.batch_size)
         # The task's bar moves only once a chunk is scored; this one shows the batches.
-        for start in tqdm(starts, desc="generating", unit="batch", leave=False):
-            batch = jobs[start : start + settings.batch_size]
-            texts = self._generate(
-                [prompts[i] for i, _ in batch],
-                [self._stops(problems[i]) for i, _ in batch],
-                max_length,
-            )
-            for (i, s), text in zip(batch, texts, strict=True):
-                completions[i][s] = text
+        with dora_caching(self.model):
+            for start in tqdm(starts, desc="generating", unit="batch", leave=False):
+                batch = jobs[start : start + settings.batch_size]
+                texts = self._generate(
+                    [prompts[i] for i, _ in batch],
+                    [self._stops(problems[i]) for i, _ in batch],
+                    max_length,
+                )
+                for (i, s), text in zip(batch, texts, strict=True):
+                    completions[i][s] = text
         return completions
 
     def _prompt_ids(self, problem: Problem) -> list[int]:
@@ -205,8 +276,10 @@ class Generator:
         input_ids = [[self.pad_id] * pad + p for pad, p in zip(padding, prompts, strict=True)]
         attention_mask = [[0] * pad + [1] * len(p) for pad, p in zip(padding, prompts, strict=True)]
         device = self.model.device
-        budgets = torch.tensor([max_length - len(p) for p in prompts])
+        cap = self.settings.max_new_tokens or max_length  # no cap beyond max_length
+        budgets = torch.tensor([min(max_length - len(p), cap) for p in prompts])
         criteria = StopOnStrings(self.tokenizer, stops, width, budgets)
+        started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=torch.tensor(input_ids, device=device),
@@ -218,6 +291,15 @@ class Generator:
                 **self._sampling(),
             )
         rows = output[:, width:].tolist()
+        # Every row runs as many steps as the batch's longest, so this is what the device did.
+        steps, seconds = len(rows[0]), time.perf_counter() - started
+        log.info(
+            "generated %d sequences x %d steps in %.2f s (%.0f tokens/s)",
+            len(rows),
+            steps,
+            seconds,
+            len(rows) * steps / seconds,
+        )
         return [
             truncate_at_stop(self._decode(prompt, row[:budget]), row_stops)
             for prompt, row, budget, row_stops in zip(

@@ -220,7 +220,7 @@ def _run(
             desc=task,
             unit="problem",
         ) as bar:
-            for records in _scored_chunks(source, pending, mode, limits, workers, chunk):
+            for records in scored_chunks(source, pending, mode, limits, workers, chunk):
                 store.append(records)
                 bar.update(len({r["problem_id"] for r in records}))
     scores = {
@@ -232,7 +232,7 @@ def _run(
     return results
 
 
-def _scored_chunks(
+def scored_chunks(
     source: CompletionSource,
     problems: Sequence[Problem],
     mode: Mode,

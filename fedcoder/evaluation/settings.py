@@ -19,6 +19,7 @@ class GenerationSettings:
     top_p: float = 0.95
     seed: int = 0
     max_length: int | None = None  # prompt + new tokens; None: each task's own (1024, MBPP 2048)
+    max_new_tokens: int | None = None  # a further cap on generated tokens; None: none
     batch_size: int = 8  # sequences per forward pass
 
     def __post_init__(self) -> None:
@@ -32,3 +33,5 @@ class GenerationSettings:
             raise EvalError("sampling needs --temperature > 0 and 0 < --top-p <= 1")
         if self.max_length is not None and self.max_length < 2:
             raise EvalError("--max-length must be at least 2 tokens")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise EvalError("--max-new-tokens must be at least 1")

@@ -33,6 +33,8 @@ class TaskSpec:
     stop: tuple[str, ...]  # MultiPL-E problems add the dataset's own stop tokens
 
 
+_MBPP_STOP = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
+
 # `<file_sep>` ends a file in StarCoder-style tokenizers; the leaderboard stops on
 # it for HumanEval and MultiPL-E (not MBPP), and so does this harness.
 TASKS: dict[str, TaskSpec] = {
@@ -46,18 +48,15 @@ TASKS: dict[str, TaskSpec] = {
             ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>"),
         ),
         # 2048 because a few MBPP prompts alone come close to 1024 tokens.
-        TaskSpec(
-            "mbpp",
-            "python",
-            2048,
-            False,
-            ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```"),
-        ),
+        TaskSpec("mbpp", "python", 2048, False, _MBPP_STOP),
+        # MBPP's validation split, scored exactly as MBPP: for choosing rounds in training.
+        TaskSpec("mbpp-validation", "python", 2048, False, _MBPP_STOP),
         TaskSpec("multiple-cpp", "cpp", 1024, True, ("<file_sep>",)),
         TaskSpec("multiple-js", "javascript", 1024, True, ("<file_sep>",)),
     )
 }
-TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+# The leaderboard's four, run by default; mbpp-validation only when asked for.
+TASK_NAMES: tuple[str, ...] = ("humaneval", "mbpp", "multiple-cpp", "multiple-js")
 
 _LANGUAGE_NAMES = {"python": "Python", "javascript": "JavaScript", "cpp": "C++"}
 # Fence tags a reply may use per language; the first is the one requests use.
@@ -96,16 +95,16 @@ def humaneval_problem(row: Mapping[str, Any]) -> Problem:
     )
 
 
-def mbpp_problem(row: Mapping[str, Any]) -> Problem:
+def mbpp_problem(row: Mapping[str, Any], task: str = "mbpp") -> Problem:
     # Only the three public asserts count: no setup code and no challenge tests.
     text, first_test = row["text"], row["test_list"][0]
     return Problem(
-        task="mbpp",
+        task=task,
         problem_id=str(row["task_id"]),
         prompt=f'"""\n{text}\n{first_test}\n"""\n',
         tests="\n".join(row["test_list"]) + "\n",
         entry_point="",
-        stop=TASKS["mbpp"].stop,
+        stop=TASKS[task].stop,
         request=(
             f"{text}\nYour code should pass this test:\n\n```python\n{first_test}\n```\n\n"
             "Answer with the Python code in one ```python code block."
