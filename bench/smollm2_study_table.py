@@ -36,8 +36,8 @@ def per_problem(eval_dir: Path) -> dict[str, dict[str, float]]:
     return {t: {p: float(np.mean(v)) for p, v in ps.items()} for t, ps in samples.items()}
 
 
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}"
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"  # None: a standard error of one problem
 
 
 def score_table(scores: dict[tuple[str, str], dict]) -> list[str]:
@@ -50,11 +50,17 @@ def score_table(scores: dict[tuple[str, str], dict]) -> list[str]:
             results = scores.get((model, mode))
             if results is None:
                 continue
+            # A run cut off part-way has fewer tasks: their cells and the average stay empty.
             cells = [
                 f"{pct(results[t]['pass@1'])} ± {pct(results[t]['pass@1_stderr'])}"
+                if t in results
+                else ""
                 for t in TASK_NAMES
             ]
-            average = f"{pct(results['average'])} ± {pct(results['average_stderr'])}"
+            complete = all(t in results for t in TASK_NAMES)
+            average = (
+                f"{pct(results['average'])} ± {pct(results['average_stderr'])}" if complete else ""
+            )
             lines.append(f"| {model} | {mode} | " + " | ".join(cells) + f" | {average} |")
     return lines
 
@@ -70,14 +76,19 @@ def paired_table(problems: dict[tuple[str, str], dict]) -> list[str]:
                 continue
             cells, draws = [], []
             for seed, task in enumerate(TASK_NAMES):
-                left, right = problems[a, mode][task], problems[b, mode][task]
+                left, right = problems[a, mode].get(task), problems[b, mode].get(task)
+                if not left or not right or left.keys() != right.keys():
+                    cells.append("")
+                    continue
                 diff = [left[p] - right[p] for p in sorted(left)]
                 task_draws = resampled_means(diff, seed=seed)  # each task its own resamples
                 draws.append(task_draws)
                 cells.append(_with_interval(float(np.mean(diff)), task_draws))
-            average = np.mean(draws, axis=0)
-            mean = float(np.mean([np.mean(d) for d in draws]))
-            cells.append(_with_interval(mean, average))
+            if len(draws) == len(TASK_NAMES):
+                mean = float(np.mean([np.mean(d) for d in draws]))
+                cells.append(_with_interval(mean, np.mean(draws, axis=0)))
+            else:
+                cells.append("")
             lines.append(f"| {a} − {b} | {mode} | " + " | ".join(cells) + " |")
     return lines
 
@@ -110,11 +121,14 @@ def loss_table(losses: dict[str, dict]) -> list[str]:
         ratio = gain["federated"] / gain["central"]
         ratio_draws = (draws["base"] - draws["federated"]) / (draws["base"] - draws["central"])
         low, high = interval(ratio_draws)
+        gap = losses["federated"]["loss"] - losses["central"]["loss"]
+        gap_low, gap_high = interval(draws["federated"] - draws["central"])
         lines += [
             "",
             f"Federated improvement / centralized improvement: {100 * ratio:.1f} % "
             f"[95% CI {100 * low:.1f}, {100 * high:.1f}] over "
-            f"{int(kept.sum())} held-out rows, {int(counts.sum())} response tokens.",
+            f"{int(kept.sum())} held-out rows, {int(counts.sum())} response tokens. "
+            f"Federated − centralized: {gap:+.4f} [{gap_low:+.4f}, {gap_high:+.4f}].",
         ]
     return lines
 

@@ -263,31 +263,60 @@ def fedcoder_client_round(exp, model, tokenizer, settings, state, server_round, 
     return report, seconds, peak_gib()
 
 
+@dataclasses.dataclass(frozen=True)
+class Lever:
+    name: str
+    checkpointing: bool = False
+    factored_dora: bool = True
+    fused_loss: bool = True
+    micro_batch_tokens: int = 4096
+    packing: bool = True
+    optimizer: str = "adamw_8bit"  # or "paged_adamw_8bit"; "bitsandbytes": its own paged step
+    dropout0: bool = False
+
+
 FEDCODER_LEVERS = [
-    # name, checkpointing, factored DoRA, fused loss, micro-batch tokens, packing, dropout 0
-    ("resident model, GC, padded batch of 16", True, False, False, 0, False, False),
-    ("+ factored DoRA norm", True, True, False, 0, False, False),
-    ("+ chunked head loss on labelled tokens", True, True, True, 0, False, False),
-    ("+ no GC, micro-batches of <= 4096 tokens", False, True, True, 4096, False, False),
-    ("+ packing (fedcoder default)", False, True, True, 4096, True, False),
-    ("option: lora_dropout 0 (changes the update)", False, True, True, 4096, True, True),
+    Lever("resident model, GC, padded batch of 16", True, False, False, 0, False, "bitsandbytes"),
+    Lever("+ factored DoRA norm", True, True, False, 0, False, "bitsandbytes"),
+    Lever("+ chunked head loss on labelled tokens", True, True, True, 0, False, "bitsandbytes"),
+    Lever("+ no GC, micro-batches of <= 4096 tokens", packing=False, optimizer="bitsandbytes"),
+    Lever("+ packing", optimizer="bitsandbytes"),
+    Lever("+ 8-bit AdamW step without a GPU sync per parameter", optimizer="paged_adamw_8bit"),
+    Lever("+ optimizer state in plain GPU memory (fedcoder default)"),
+    Lever("option: lora_dropout 0 (changes the update)", dropout0=True),
 ]  # fmt: skip
+DEFAULT_LEVER = FEDCODER_LEVERS[-2]
+_MAKE_OPTIMIZER = training.make_optimizer
 
 
-def apply_lever(model, exp, gc_on, factored, fused, tokens, packing):
-    set_checkpointing(model, gc_on)
-    set_factored_dora(model, factored)
-    set_fused_loss(fused)
-    return dataclasses.replace(exp.train, micro_batch_tokens=tokens, packing=packing)
+def bitsandbytes_paged_adamw(params, name, lr, device):
+    """bitsandbytes' PagedAdamW8bit as the reference recipe's Trainer builds it."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=0.0)
 
 
-def run_levers(exp, model, tokenizer, state, repeats: int) -> list[dict]:
+def apply_lever(model, exp, lever: Lever) -> TrainSettings:
+    set_checkpointing(model, lever.checkpointing)
+    set_factored_dora(model, lever.factored_dora)
+    set_fused_loss(lever.fused_loss)
+    bitsandbytes = lever.optimizer == "bitsandbytes"
+    training.make_optimizer = bitsandbytes_paged_adamw if bitsandbytes else _MAKE_OPTIMIZER
+    return dataclasses.replace(
+        exp.train,
+        micro_batch_tokens=lever.micro_batch_tokens,
+        packing=lever.packing,
+        optim="paged_adamw_8bit" if bitsandbytes else lever.optimizer,
+    )
+
+
+def run_levers(exp, model, tokenizer, state, repeats: int, first: int) -> list[dict]:
     rows = []
     server_round, partition = 1, exp.schedule[0][0]
-    for name, gc_on, factored, fused, tokens, packing, dropout0 in FEDCODER_LEVERS:
-        settings = apply_lever(model, exp, gc_on, factored, fused, tokens, packing)
+    for lever in FEDCODER_LEVERS[first:]:
+        settings = apply_lever(model, exp, lever)
         runs = []
-        with no_dropout(model) if dropout0 else _nothing():
+        with no_dropout(model) if lever.dropout0 else _nothing():
             for _ in range(repeats):  # the first run of a new shape pays for warm-up
                 runs.append(
                     fedcoder_client_round(
@@ -296,7 +325,7 @@ def run_levers(exp, model, tokenizer, state, repeats: int) -> list[dict]:
                 )
         report, seconds, peak = runs[-1]
         row = {
-            "variant": name,
+            "variant": lever.name,
             "seconds": seconds,
             "step_s": seconds / report.steps,
             "tokens": report.tokens,
@@ -429,9 +458,8 @@ class StepClock(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._started)
 
 
-def reference_client_round(exp, state, server_round, partition) -> tuple[dict, dict]:
-    reset_peak()
-    started = time.perf_counter()
+def reference_model(exp):
+    """FlowerTune's get_model: the quantized base, kbit preparation with checkpointing, DoRA."""
     kwargs = {"dtype": torch.bfloat16 if exp.train.bf16 else torch.float32}
     if exp.model.quantization:
         from transformers import BitsAndBytesConfig
@@ -446,10 +474,32 @@ def reference_client_round(exp, state, server_round, partition) -> tuple[dict, d
     model = AutoModelForCausalLM.from_pretrained(
         exp.model_path, attn_implementation="sdpa", **kwargs
     )
-    tokenizer = AutoTokenizer.from_pretrained(exp.model_path)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.config.use_cache = False
-    model = get_peft_model(model, lora_config(exp.model.lora))
+    return get_peft_model(model, lora_config(exp.model.lora))
+
+
+def reference_server_work(exp, state=None) -> float:
+    """FlowerTune's server loads a whole model for the initial adapter, and again for every
+    checkpoint it saves (rounds 5 and 10 here); the seconds one such load (and save) takes."""
+    started = time.perf_counter()
+    model = reference_model(exp)
+    if state is None:
+        adapter_state(model)
+    else:
+        set_adapter_state(model, state)
+        with tempfile.TemporaryDirectory() as directory:
+            model.save_pretrained(directory)
+    del model
+    free_memory()
+    return time.perf_counter() - started
+
+
+def reference_client_round(exp, state, server_round, partition) -> tuple[dict, dict]:
+    reset_peak()
+    started = time.perf_counter()
+    model = reference_model(exp)
+    tokenizer = AutoTokenizer.from_pretrained(exp.model_path)
     set_adapter_state(model, state)
     sync()
     load_seconds = time.perf_counter() - started
@@ -524,6 +574,7 @@ def reference_client_round(exp, state, server_round, partition) -> tuple[dict, d
 
 
 def run_reference(exp, state, rounds: int, deadline: float) -> dict:
+    server = [reference_server_work(exp)]
     out = []
     for server_round, sampled in enumerate(exp.schedule[:rounds], start=1):
         if time.perf_counter() > deadline:
@@ -536,17 +587,18 @@ def run_reference(exp, state, rounds: int, deadline: float) -> dict:
             clients.append(client)
             states.append(new_state)
         state = fedavg(states)
+        if server_round % 5 == 0 or server_round == exp.rounds:
+            server.append(reference_server_work(exp, state))
         out.append(
             {"round": server_round, "seconds": time.perf_counter() - started, "clients": clients}
         )
         print(f"reference round {server_round}: {out[-1]['seconds']:.1f} s", flush=True)
-    return {"rounds": out, "total_seconds": sum(r["seconds"] for r in out)}
+    total = sum(r["seconds"] for r in out) + server[0]
+    return {"server_load_seconds": server, "rounds": out, "total_seconds": total}
 
 
-def run_compile(exp, model, tokenizer, state, settings, seconds: int) -> dict:
-    set_checkpointing(model, False)
-    set_factored_dora(model, True)
-    set_fused_loss(True)
+def run_compile(exp, model, tokenizer, state, seconds: int) -> dict:
+    settings = apply_lever(model, exp, DEFAULT_LEVER)
     started = time.perf_counter()
     try:
         with time_limit(seconds):
@@ -653,6 +705,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--reference-rounds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2, help="runs per lever (last one kept)")
+    parser.add_argument("--first-lever", type=int, default=0, help="skip the levers before")
     parser.add_argument(
         "--budget-s", type=float, default=540, help="start no reference round after this"
     )
@@ -675,7 +728,6 @@ def main() -> None:
         (args.out / "throughput.json").write_text(json.dumps(results, indent=1))
         write_steps_csv(args.out / "steps.csv", results)
 
-    fedcoder_settings = dataclasses.replace(exp.train, micro_batch_tokens=4096, packing=True)
     model, tokenizer, load_seconds = load_resident(exp)
     results["resident_load_seconds"] = load_seconds
     state = cpu_state(model)  # the global adapter before round 1, for both recipes
@@ -683,16 +735,16 @@ def main() -> None:
     if "levers" in parts:
         results["numerics"] = check_numerics(exp, model, tokenizer, state)
         print("numerics", results["numerics"], flush=True)
-        results["levers"] = run_levers(exp, model, tokenizer, state, args.repeats)
+        results["levers"] = run_levers(exp, model, tokenizer, state, args.repeats, args.first_lever)
         save()
     if "fedcoder" in parts:
-        apply_lever(model, exp, False, True, True, 4096, True)
+        fedcoder_settings = apply_lever(model, exp, DEFAULT_LEVER)
         results["fedcoder"] = run_fedcoder(
             exp, model, tokenizer, state, fedcoder_settings, load_seconds
         )
         save()
     if "profile" in parts:
-        apply_lever(model, exp, False, True, True, 4096, True)
+        fedcoder_settings = apply_lever(model, exp, DEFAULT_LEVER)
         results["profile"] = run_profile(exp, model, tokenizer, state, fedcoder_settings, args.out)
         print("profile", results["profile"], flush=True)
         save()
@@ -706,9 +758,7 @@ def main() -> None:
         if "compile" in parts:
             model, tokenizer, _ = load_resident(exp)
     if "compile" in parts:
-        results["compile"] = run_compile(
-            exp, model, tokenizer, state, fedcoder_settings, args.compile_s
-        )
+        results["compile"] = run_compile(exp, model, tokenizer, state, args.compile_s)
         print("compile", results["compile"], flush=True)
     results["wall_seconds"] = time.perf_counter() - started
     save()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -136,10 +137,17 @@ def _add_loss_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _deploy(args: argparse.Namespace) -> int:
+    from fedcoder.config import ConfigError
     from fedcoder.deployment import run_local_deployment
     from fedcoder.preflight import flwr_run_config, preflight
 
-    num_supernodes = args.supernodes or len(args.node_config or []) or 2
+    node_configs = args.node_config or []
+    num_supernodes = args.supernodes or len(node_configs) or 2
+    if node_configs and len(node_configs) != num_supernodes:
+        raise ConfigError(
+            f"--supernodes {num_supernodes} needs one --node-config per SuperNode, "
+            f"got {len(node_configs)}"
+        )
     checked = preflight(
         Path(args.app),
         config_files=args.config or [],
@@ -150,7 +158,7 @@ def _deploy(args: argparse.Namespace) -> int:
         return run_local_deployment(
             Path(args.app),
             num_supernodes=num_supernodes,
-            node_configs=args.node_config or [],
+            node_configs=node_configs,
             run_config=run_config,
             insecure=args.insecure,
             resident=args.isolation == "process",
@@ -309,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; an unusable input prints `fedcoder: error: <why>` and returns 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # SIGTERM (a job scheduler, `kill`) ends Python without running `finally`
+    # blocks; as an exception it lets the launchers stop every Flower process
+    # they started.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         return args.func(args)
     except Exception as err:

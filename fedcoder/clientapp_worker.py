@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
         client_app = load(run.fab_id, run.fab_version, fab.hash_str)
         reply = client_app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
-    except Exception as ex:  # noqa: BLE001 -- any failure becomes the task's error reply
+    except Exception as ex:  # any failure becomes the task's error reply, as in flwr-clientapp
         log(ERROR, "ClientApp task failed", exc_info=ex)
         details = f"{type(ex).__name__}: {ex}"
         if message is not None:
@@ -139,13 +140,13 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
             if reply is not None and context is not None:
                 push_message(client, reply, context)
             push_task_output(client, context, status, details)
-        except Exception as ex:  # noqa: BLE001 -- the worker must outlive one lost reply
+        except Exception as ex:  # the worker must outlive one lost reply
             log(ERROR, "Could not report the task's result to the SuperNode", exc_info=ex)
         heartbeat.stop()
         client.close()
 
 
-def _task_heartbeat(client: RuntimeHttpClient):
+def _task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
     """Flower's task heartbeat, minus its SIGINT when the task is gone.
 
     `flwr-clientapp` interrupts itself when the SuperNode no longer knows its
@@ -159,7 +160,9 @@ def _task_heartbeat(client: RuntimeHttpClient):
             if not client.SendTaskHeartbeat(request).success:
                 log(WARNING, "The SuperNode no longer tracks this task")
         except httpx.TransportError:
-            return False
+            return False  # HeartbeatSender retries with backoff
+        except httpx.HTTPStatusError as err:
+            log(WARNING, "Task heartbeat refused: %s", err)
         return True
 
     return beat

@@ -10,7 +10,6 @@ so two models can be compared row by row (`fedcoder.resampling`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedcoder.data import IGNORE_INDEX, DataError, collate, load_holdout, tokenize_example
 from fedcoder.resampling import resampled_means, summary
-
-log = logging.getLogger(__name__)
 
 
 def example_losses(

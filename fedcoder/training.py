@@ -35,17 +35,21 @@ def cosine_lr(server_round: int, num_rounds: int, lr_max: float, lr_min: float) 
 def make_optimizer(
     params: Sequence[torch.nn.Parameter], name: str, lr: float, device: torch.device
 ) -> torch.optim.Optimizer:
-    """The configured optimizer; torch AdamW where bitsandbytes' 8-bit ones cannot run."""
+    """The configured optimizer; torch AdamW where bitsandbytes' 8-bit ones cannot run.
+
+    paged_adamw_8bit and adamw_8bit are bitsandbytes' AdamW8bit, with its state in paged
+    (unified) or plain GPU memory: the same update either way (fedcoder/optim8bit.py).
+    """
     if name != "adamw_torch" and device.type == "cuda":
         try:
-            import bitsandbytes as bnb
+            from fedcoder.optim8bit import AdamW8bit
         except ImportError:
             log.warning(
                 "optim %s needs bitsandbytes (pip install fedcoder[gpu]); using torch AdamW", name
             )
         else:
-            cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-            return cls(params, lr=lr, weight_decay=0.0)
+            paged = name == "paged_adamw_8bit"
+            return AdamW8bit(params, lr=lr, weight_decay=0.0, is_paged=paged)
     elif name != "adamw_torch":
         log.info("optim %s runs only on CUDA; using torch AdamW on %s", name, device.type)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -112,26 +116,41 @@ def _plain_head(model: PeftModel) -> torch.nn.Linear | None:
 def summed_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the next-token losses over every labelled position of `batch`.
 
-    For models with a plain frozen head, logits are computed only where a label is, in chunks
-    (`_HeadCrossEntropy`): about half of a Code Alpaca sequence is prompt, whose logits the
-    plain path computes and throws away. Same value as the transformers loss times its count.
+    `batch` is on the CPU, as `micro_batches` makes it: it is copied to the model's device
+    without waiting for the GPU, and the labelled positions are found on the CPU, so the host
+    never stalls to learn a shape and keeps queueing work. For models with a plain frozen
+    head, logits are computed only where a label is, in chunks (`_HeadCrossEntropy`): about
+    half of a Code Alpaca sequence is prompt, whose logits the plain path computes and throws
+    away. Same value as the transformers loss times its count.
     """
+    device = model.get_base_model().get_input_embeddings().weight.device
     labels = batch["labels"]
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    inputs = {key: _to_device(value, device) for key, value in batch.items() if key != "labels"}
     head = _plain_head(model)
     if head is None:
         # num_items_in_batch=1 turns transformers' mean into the sum.
+        labels = _to_device(labels, device)
         return model(**inputs, labels=labels, use_cache=False, num_items_in_batch=1).loss
     decoder = model.get_base_model().get_decoder()
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    return _HeadCrossEntropy.apply(hidden[:, :-1][keep], head.weight, targets[keep])
+    rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    # Position t predicts label t + 1; index the hidden states as one (rows x width) list.
+    positions = _to_device(rows * labels.shape[1] + columns, device)
+    targets = _to_device(labels[rows, columns + 1], device)
+    hidden = hidden.flatten(0, 1).index_select(0, positions)
+    return _HeadCrossEntropy.apply(hidden, head.weight, targets)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to `device`; to a GPU from pinned memory, so the copy does not wait."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _accumulate_gradients(
     model: PeftModel, batches: Sequence[dict[str, torch.Tensor]], device: torch.device, bf16: bool
-) -> float | None:
+) -> torch.Tensor | None:
     """Backpropagate one optimizer step's micro-batches; the step loss, or None if unlabelled.
 
     Each micro-batch's summed loss is divided by the labelled tokens of the whole step, so the
@@ -144,12 +163,11 @@ def _accumulate_gradients(
     for batch, count in zip(batches, counts, strict=True):
         if not count:
             continue  # contributes no gradient
-        batch = {key: value.to(device) for key, value in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = summed_loss(model, batch) / sum(counts)
         loss.backward()
         step_loss += loss.detach()
-    return step_loss.item()
+    return step_loss  # read once the round is over: reading it now would wait for the GPU
 
 
 def _smaller_budget(batches: Sequence[dict[str, torch.Tensor]], budget: int) -> int:
@@ -249,6 +267,7 @@ def train_round(
         optimizer.zero_grad(set_to_none=True)
         step_losses.append(step_loss)
     model.eval()
+    step_losses = torch.stack(step_losses).tolist() if step_losses else []
 
     return RoundReport(
         train_loss=sum(step_losses) / len(step_losses) if step_losses else 0.0,

@@ -182,6 +182,16 @@ def test_sigkilled_server_resumes_to_the_identical_result(base_overrides, tmp_pa
     assert rounds == expected_rounds  # losses, lrs, clients sampled, bytes (per round, total)
 
 
+def test_sigterm_stops_every_process_of_the_run(base_overrides, tmp_path):
+    proc = _launch(tmp_path, base_overrides)
+    _wait_for_round(tmp_path / "results" / "run", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    _output(proc)
+    assert proc.returncode != 0
+    assert [p.pid for p in processes_with_home(tmp_path / "flwr-home")] == []
+
+
 def test_resume_with_another_config_is_refused(base_overrides, tmp_path):
     _finish(_launch(tmp_path, {**base_overrides, "num-server-rounds": 1}))
     metrics = (tmp_path / "results" / "run" / "metrics.json").read_bytes()

@@ -19,6 +19,7 @@ from fedcoder.processes import processes_with_home
 from fedcoder.training import cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 ROUNDS = 3
 
 pytestmark = pytest.mark.slow
@@ -48,6 +49,14 @@ def finished_run(tiny_model_dir, tmp_path_factory):
         "results.dir": str(work / "results"),
         "results.run-name": "e2e",
     }
+    if (SHARED_DATA / "mbpp.jsonl").exists():
+        # Executed-code validation of the global adapter in rounds 2 and 3 (the last).
+        overrides |= {
+            "validation.every-rounds": 2,
+            "validation.num-problems": 2,
+            "validation.max-new-tokens": 4,
+            "validation.data-dir": str(SHARED_DATA),
+        }
     config_file = work / "run.toml"
     config_file.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in overrides.items()))
     result = subprocess.run(
@@ -111,7 +120,7 @@ def test_base_model_stays_resident_in_each_worker(finished_run):
 
 def test_checkpoints_load_with_peft_and_outputs_exist(finished_run, tiny_model_dir):
     run_dir = finished_run["dir"]
-    assert sorted(p.name for p in run_dir.glob("peft_*")) == ["peft_2", "peft_3"]
+    assert sorted(p.name for p in run_dir.glob("peft_[0-9]*")) == ["peft_2", "peft_3"]
     assert (run_dir / "train_loss.png").stat().st_size > 1000
     assert (
         json.loads((run_dir / "config.json").read_text())["fingerprint"]
@@ -123,3 +132,18 @@ def test_checkpoints_load_with_peft_and_outputs_exist(finished_run, tiny_model_d
     initial = initial_adapter(finished_run["config"].model, seed=0)
     assert state.keys() == initial.keys()
     assert any(not torch.equal(state[k], initial[k]) for k in state)  # training moved it
+
+
+def test_validation_scores_rounds_and_marks_the_best_checkpoint(finished_run):
+    if "validation" not in finished_run["metrics"]["rounds"][-1]:
+        pytest.skip(f"shared data absent: {SHARED_DATA / 'mbpp.jsonl'} (MBPP validation split)")
+    rounds = finished_run["metrics"]["rounds"]
+    validated = [r for r in rounds if "validation" in r]
+    assert [r["round"] for r in validated] == [2, 3]
+    for r in validated:
+        assert r["validation"]["n_problems"] == 2 and 0 <= r["validation"]["pass@1"] <= 1
+        assert r["checkpoint"] == f"peft_{r['round']}"
+    best = max(validated, key=lambda r: r["validation"]["pass@1"])
+    assert finished_run["metrics"]["best"]["round"] == best["round"]
+    link = finished_run["dir"] / "peft_best"
+    assert link.resolve() == (finished_run["dir"] / best["checkpoint"]).resolve()

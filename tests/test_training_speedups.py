@@ -201,3 +201,27 @@ def test_out_of_memory_splits_the_step_into_smaller_micro_batches(tiny_model_dir
     assert report.step_losses == pytest.approx(plain.step_losses, rel=1e-5)
     for key, value in expected.items():
         assert torch.allclose(adapter_state(model)[key], value, rtol=1e-4, atol=1e-6), key
+
+
+def test_8bit_adamw_without_per_parameter_syncs_updates_like_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    from fedcoder.optim8bit import AdamW8bit
+
+    # Adapter-like shapes: 8-bit state, and 32-bit state under bitsandbytes' 4096-element floor.
+    shapes = [(16, 3072), (5120, 16), (3072,), (8192,)]
+
+    def train(optimizer_class):
+        params = [
+            torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(i)))
+            for i, shape in enumerate(shapes)
+        ]
+        optimizer = optimizer_class(params, lr=1e-2, weight_decay=0.0)
+        for step in range(3):
+            for i, param in enumerate(params):
+                seed = torch.Generator().manual_seed(100 * step + i)
+                param.grad = torch.randn(param.shape, generator=seed)
+            optimizer.step()
+        return params
+
+    for ours, theirs in zip(train(AdamW8bit), train(bnb.optim.AdamW8bit), strict=True):
+        assert torch.equal(ours, theirs)
