@@ -58,7 +58,14 @@ from transformers import (  # noqa: E402
 
 from fedcoder import training  # noqa: E402
 from fedcoder.config import LoraSettings, ModelSettings, TrainSettings  # noqa: E402
-from fedcoder.data import collate, load_partition, round_sample, tokenize_example  # noqa: E402
+from fedcoder.data import (  # noqa: E402
+    IGNORE_INDEX,
+    collate,
+    load_partition,
+    micro_batches,
+    round_sample,
+    tokenize_example,
+)
 from fedcoder.dora import FactoredNormDora  # noqa: E402
 from fedcoder.model import (  # noqa: E402
     adapter_state,
@@ -359,16 +366,11 @@ def check_numerics(exp, model, tokenizer, state) -> dict:
         reference = model(**batch).loss.item()
         set_factored_dora(model, True)
         set_fused_loss(True)
-        from fedcoder.data import IGNORE_INDEX, micro_batches
-
         batches = micro_batches(
             examples, tokenizer.pad_token_id, max_tokens=4096, row_length=512, packing=True
         )
         count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        ours = sum(
-            training.summed_loss(model, {k: v.to(device) for k, v in b.items()}).item()
-            for b in batches
-        )
+        ours = sum(training.summed_loss(model, batch).item() for batch in batches)
     return {"reference_loss": reference, "fedcoder_loss": ours / count}
 
 

@@ -142,8 +142,8 @@ def summed_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a CPU tensor to `device`; to a GPU from pinned memory, so the copy does not wait."""
-    if device.type != "cuda":
+    """`tensor` on `device`; a CPU tensor goes to a GPU from pinned memory, without waiting."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
