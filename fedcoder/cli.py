@@ -50,6 +50,19 @@ def _run(args: argparse.Namespace) -> int:
         )
 
 
+def _add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    """The app and its run-config overrides: the same for `fedcoder run` and `deploy`."""
+    parser.add_argument("--app", default=".", help="Flower app directory (default: .)")
+    parser.add_argument(
+        "--config", action="append", metavar="TOML",
+        help="a TOML file of run-config overrides, e.g. examples/quickstart-cpu.toml",
+    )  # fmt: skip
+    parser.add_argument(
+        "--run-config", action="append", metavar="'KEY=VALUE ...'",
+        help="run-config overrides, as for `flwr run --run-config` (repeatable)",
+    )  # fmt: skip
+
+
 def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run",
@@ -60,15 +73,7 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:
             "(checkpoints peft_<round>, metrics.json, train_loss.png, config.json)."
         ),
     )
-    parser.add_argument("--app", default=".", help="Flower app directory (default: .)")
-    parser.add_argument(
-        "--config", action="append", metavar="TOML",
-        help="a TOML file of run-config overrides, e.g. examples/quickstart-cpu.toml",
-    )  # fmt: skip
-    parser.add_argument(
-        "--run-config", action="append", metavar="'KEY=VALUE ...'",
-        help="run-config overrides, as for `flwr run --run-config` (repeatable)",
-    )  # fmt: skip
+    _add_app_arguments(parser)
     parser.add_argument("--num-supernodes", type=int, default=10, help="virtual clients (10)")
     parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per client (1)")
     parser.add_argument(
@@ -178,15 +183,7 @@ def _add_deploy_parser(subparsers: argparse._SubParsersAction) -> None:
             "across rounds (--isolation process). See docs/deployment.md for several machines."
         ),
     )
-    parser.add_argument("--app", default=".", help="Flower app directory (default: .)")
-    parser.add_argument(
-        "--config", action="append", metavar="TOML",
-        help="a TOML file of run-config overrides, e.g. examples/quickstart-cpu.toml",
-    )  # fmt: skip
-    parser.add_argument(
-        "--run-config", action="append", metavar="'KEY=VALUE ...'",
-        help="run-config overrides, as for `flwr run --run-config` (repeatable)",
-    )  # fmt: skip
+    _add_app_arguments(parser)
     parser.add_argument(
         "--supernodes", type=int, metavar="N",
         help="SuperNodes to start (default: one per --node-config, else 2)",
