@@ -127,6 +127,7 @@ def run_federation(
         clients = sorted(  # replies arrive in any order
             (_client_entry(strategy, r) for r in accepted), key=lambda c: c["client"]
         )
+        records = [a.record(strategy) for a in attempts]
         bytes_down = sum(a.bytes_down for a in attempts)
         bytes_up = sum(a.bytes_up for a in attempts)
         entry: dict[str, Any] = {
@@ -134,8 +135,8 @@ def run_federation(
             "lr": lr,
             "train_loss": float(attempt.metrics["train_loss"]),
             "clients": clients,
-            "dropped": attempts[-1].record(strategy)["dropped"],
-            "attempts": [a.record(strategy) for a in attempts],
+            "dropped": records[-1]["dropped"],
+            "attempts": records,
             "retries": len(attempts) - 1,
             "examples": sum(int(client["num-examples"]) for client in clients),
             "bytes_down": bytes_down,
