@@ -100,11 +100,6 @@ class RunDirectory:
         self.rounds: list[dict[str, Any]] = []
 
     @classmethod
-    def create(cls, config: RunConfig) -> RunDirectory:
-        run, _ = cls.open(config)
-        return run
-
-    @classmethod
     def open(cls, config: RunConfig) -> tuple[RunDirectory, RunState | None]:
         """Create the run directory, or with `results.resume` reopen it at its saved state.
 

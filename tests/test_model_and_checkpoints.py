@@ -66,7 +66,7 @@ def test_checkpoint_loads_with_peft(tiny_model_dir, tmp_path):
             "results.run-name": "r",
         }
     )
-    run = RunDirectory.create(config)
+    run, _ = RunDirectory.open(config)
     state = {k: v + 0.5 for k, v in initial_adapter(config.model, seed=0).items()}
     path = run.save_checkpoint(3, state, str(tiny_model_dir))
     base, _ = load_base_model(str(tiny_model_dir), dtype=torch.float32, device="cpu")
@@ -81,10 +81,10 @@ def test_checkpoint_loads_with_peft(tiny_model_dir, tmp_path):
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):
     config = RunConfig.from_flat({"results.dir": str(tmp_path), "results.run-name": "keep"})
-    run = RunDirectory.create(config)
+    run, _ = RunDirectory.open(config)
     (run.path / "metrics.json").write_text("precious")
     with pytest.raises(ConfigError, match="already exists"):
-        RunDirectory.create(config)
+        RunDirectory.open(config)
     assert (run.path / "metrics.json").read_text() == "precious"
 
 

@@ -145,7 +145,7 @@ def _green_pixels(png: Path) -> int:
 
 def test_loss_plot_shows_validation_pass_at_1(tmp_path):
     config = RunConfig.from_flat({"results.dir": str(tmp_path), "results.run-name": "plot"})
-    run = RunDirectory.create(config)
+    run, _ = RunDirectory.open(config)
     run.record_round({"round": 1, "train_loss": 1.2})
     png = run.path / "train_loss.png"
     assert png.is_file() and _green_pixels(png) == 0
