@@ -7,9 +7,10 @@
 #
 # Extra key=value pairs are added to --run-config (e.g. model.gradient-checkpointing=true).
 # Writes OUT_DIR/fedcoder-metrics.json, OUT_DIR/fedcoder-train_loss.png and prints the wall time.
+# CLIENT_GPUS=0.5 lets the two clients of a round share the GPU.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,9p' "$0"
+  sed -n '2,10p' "$0"
   exit 2
 fi
 data=$(realpath "$1")
@@ -19,8 +20,13 @@ model=${PHI4MINI_DIR:-/tmp/phi4mini_random}
 python3 bench/phi4mini.py --tokenizer "${O200K_DIR:-/tmp/o200k_tok}" "$model"
 runs=$(mktemp -d)
 started=$(date +%s.%N)
+# Each output line gets the seconds since the start, to see where the time goes.
 python3 -m fedcoder.cli run --client-gpus "${CLIENT_GPUS:-1}" --run-config \
-  "model.name='$model' static.dataset.name='$data' results.dir='$runs' results.run-name='fedcoder' $*"
+  "model.name='$model' static.dataset.name='$data' results.dir='$runs' results.run-name='fedcoder' $*" \
+  2>&1 | python3 -c 'import sys, time
+start = time.time()
+for line in sys.stdin:
+    print(f"{time.time() - start:7.1f} {line}", end="", flush=True)'
 ended=$(date +%s.%N)
 mkdir -p "$out"
 cp "$runs/fedcoder/metrics.json" "$out/fedcoder-metrics.json"

@@ -70,6 +70,7 @@ from fedcoder.dora import FactoredNormDora  # noqa: E402
 from fedcoder.model import (  # noqa: E402
     adapter_state,
     add_adapter,
+    compile_decoder_layers,
     load_base_model,
     lora_config,
     set_adapter_state,
@@ -604,8 +605,7 @@ def run_compile(exp, model, tokenizer, state, seconds: int) -> dict:
     started = time.perf_counter()
     try:
         with time_limit(seconds):
-            for layer in model.get_base_model().get_decoder().layers:
-                layer.compile(dynamic=True)
+            compile_decoder_layers(model, "inductor")  # what model.compile = "inductor" does
             partition = exp.schedule[0][0]
             first = fedcoder_client_round(exp, model, tokenizer, settings, state, 1, partition)
             report, run_seconds, peak = fedcoder_client_round(

@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedcoder.communication import decode, encode, wire_dtype
+from fedcoder.communication import decode, encode, send_and_receive, wire_dtype
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class AdapterFedAvg(FedAvg):
         if not node_ids:
             return
         messages = self._construct_messages(RecordDict(), node_ids, MessageType.QUERY)
-        for reply in grid.send_and_receive(messages, timeout=IDENTIFY_TIMEOUT_S):
+        for reply in send_and_receive(grid, messages, timeout=IDENTIFY_TIMEOUT_S):
             if not reply.has_error() and "identity" in reply.content:
                 identity = reply.content["identity"].get(IDENTITY_KEY)
                 if isinstance(identity, str):

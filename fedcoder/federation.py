@@ -21,7 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedcoder.aggregation import AdapterFedAvg
-from fedcoder.communication import MIB, CommunicationLog, payload_bytes
+from fedcoder.communication import MIB, CommunicationLog, payload_bytes, send_and_receive
 from fedcoder.config import RunConfig
 from fedcoder.results import RunDirectory
 from fedcoder.run_state import RunState
@@ -205,7 +205,7 @@ def _attempt_round(
     key = strategy.arrayrecord_key
     timeout = config.strategy.round_timeout or None
     # Replies not in by the timeout count as missing; Flower drops them when they come.
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = send_and_receive(grid, messages, timeout=timeout)
     aggregated, metrics = strategy.aggregate_train(server_round, replies)
     return _Attempt(
         sampled=[m.metadata.dst_node_id for m in messages],

@@ -345,9 +345,24 @@ def resident_model(
             dtype=torch.bfloat16 if bf16 else torch.float32,
             attn_implementation=settings.attn_implementation,
         )
-        _RESIDENT[key] = (add_adapter(base, settings, seed=seed), tokenizer)
+        model = add_adapter(base, settings, seed=seed)
+        if settings.compile:
+            compile_decoder_layers(model, settings.compile)
+        _RESIDENT[key] = (model, tokenizer)
         return *_RESIDENT[key], time.perf_counter() - started
     return *_RESIDENT[key], 0.0
+
+
+def compile_decoder_layers(model: PeftModel, backend: str) -> None:
+    """torch.compile each decoder layer in place; the first forward pass compiles.
+
+    Layers rather than the whole model: that is what was measured on the GPU
+    (docs/performance.md), and the 4-bit matmuls and PEFT's per-module Python would
+    break a whole-model graph anyway. dynamic=True because packed micro-batches
+    change shape from step to step.
+    """
+    for layer in model.get_base_model().get_decoder().layers:
+        layer.compile(backend=backend, dynamic=True)
 
 
 def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:

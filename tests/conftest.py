@@ -8,6 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+# Flower creates messages inside a running app, which sets the run identity;
+# tests that build server messages outside one need it set.
+TaskIdentity.run_id = 1
+TaskIdentity.node_id = 0
+TaskIdentity.task_id = 1
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CODE_ALPACA_2K = SHARED_DATA / "code_alpaca_2k.jsonl"

@@ -5,15 +5,9 @@ import random
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcoder.aggregation import IDENTITY_KEY, AdapterFedAvg
 from fedcoder.communication import encode
-
-# Flower creates messages inside a running app, which sets the run identity.
-TaskIdentity.run_id = 1
-TaskIdentity.node_id = 0
-TaskIdentity.task_id = 1
 
 GLOBAL = {"m.lora_A.weight": torch.zeros(2, 3), "m.lora_magnitude_vector": torch.ones(3)}
 
@@ -93,12 +87,19 @@ class FakeGrid:
     def get_node_ids(self):
         return list(self.partition_of)
 
-    def send_and_receive(self, messages, timeout=None):
-        for msg in messages:
+    def push_messages(self, messages):
+        self.replies = {}
+        for number, msg in enumerate(messages):
             assert msg.metadata.message_type == MessageType.QUERY
             identity = f"partition {self.partition_of[msg.metadata.dst_node_id]}/10"
             content = RecordDict({"identity": ConfigRecord({IDENTITY_KEY: identity})})
-            yield Message(content, reply_to=msg)
+            reply = Message(content, reply_to=msg)
+            reply.metadata.__dict__["_reply_to_message_id"] = str(number)
+            self.replies[str(number)] = reply
+        return list(self.replies)
+
+    def pull_messages(self, message_ids):
+        return [self.replies[i] for i in message_ids]
 
 
 def sampled_partitions(s: AdapterFedAvg, grid: FakeGrid, rounds: int) -> list[list[int]]:

@@ -1,14 +1,22 @@
 """Communication accounting, including the FlowerTune Code baseline's 3.66 GB budget."""
 
 import math
+import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from peft import get_peft_model
 from transformers import Phi3Config
 
-from fedcoder.communication import MIB, CommunicationLog, decode, encode, payload_bytes
+from fedcoder.communication import (
+    MIB,
+    CommunicationLog,
+    decode,
+    encode,
+    payload_bytes,
+    send_and_receive,
+)
 from fedcoder.config import LoraSettings
 from fedcoder.model import lora_config, meta_model
 
@@ -71,3 +79,51 @@ def test_bf16_transport_halves_the_payload():
     fp32, bf16 = payload_bytes(encode(state, "float32")), payload_bytes(encode(state, "bfloat16"))
     overhead = sum(NPY_HEADER + len(k) for k in state)
     assert bf16 - overhead == (fp32 - overhead) // 2
+
+
+class _SlowGrid:
+    """A grid whose replies become available `delay_s` after the push (node 2 never answers)."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.pushed_at = 0.0
+        self.replies: dict[str, Message] = {}
+
+    def push_messages(self, messages):
+        self.pushed_at = time.monotonic()
+        ids = []
+        for number, message in enumerate(messages):
+            message_id = f"m{number}"
+            ids.append(message_id)
+            if message.metadata.dst_node_id != 2:
+                reply = Message(RecordDict(), reply_to=message)
+                reply.metadata.__dict__["_reply_to_message_id"] = message_id
+                self.replies[message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        if time.monotonic() - self.pushed_at < self.delay_s:
+            return []
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def _queries(node_ids):
+    return [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+
+
+def test_replies_are_collected_soon_after_they_arrive():
+    # Flower 1.42's own send_and_receive sleeps 3 s between pulls.
+    grid = _SlowGrid(delay_s=0.3)
+    started = time.monotonic()
+    replies = send_and_receive(grid, _queries([1, 3]), timeout=None)
+    assert len(replies) == 2
+    assert time.monotonic() - started < 1.0
+
+
+def test_missing_replies_are_left_out_at_the_timeout():
+    grid = _SlowGrid(delay_s=0.0)
+    started = time.monotonic()
+    replies = send_and_receive(grid, _queries([1, 2, 3]), timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert len(replies) == 2
+    assert 0.5 <= elapsed < 1.5

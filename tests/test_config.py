@@ -56,6 +56,7 @@ def test_defaults_are_the_baseline_recipe():
         ("strategy.fraction-train", 0.0, "must be in (0, 1]"),
         ("model.lora.peft-lora-r", 0, "must be a finite number > 0"),
         ("model.quantization", 3, "must be one of [0, 4, 8]"),
+        ("model.compile", "max-autotune", "must be one of"),
         ("train.training-arguments.optim", "sgd", "must be one of"),
         ("train.seq-length", "long", "expected int"),
         ("model.lora.peft-use-dora", 1, "expected bool"),

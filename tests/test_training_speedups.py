@@ -16,7 +16,13 @@ from fedcoder import training
 from fedcoder.config import LoraSettings, ModelSettings, TrainSettings
 from fedcoder.data import IGNORE_INDEX, collate, micro_batches, pack_rows, tokenize_example
 from fedcoder.dora import FactoredNormDora
-from fedcoder.model import adapter_state, add_adapter, load_base_model, set_adapter_state
+from fedcoder.model import (
+    adapter_state,
+    add_adapter,
+    load_base_model,
+    resident_model,
+    set_adapter_state,
+)
 
 RECORDS = [
     {
@@ -225,3 +231,27 @@ def test_8bit_adamw_without_per_parameter_syncs_updates_like_bitsandbytes():
 
     for ours, theirs in zip(train(AdamW8bit), train(bnb.optim.AdamW8bit), strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_compiled_decoder_layers_train_the_same_adapter(tiny_model_dir):
+    # aot_eager traces and partitions the graphs as inductor does but runs them with eager
+    # kernels, so dropout masks and results are exactly the uncompiled ones; inductor draws
+    # its own masks (same distribution). The GPU figure is in docs/performance.md.
+    settings = TrainSettings(
+        batch_size=4, max_steps=3, optim="adamw_torch", bf16=False, micro_batch_tokens=256
+    )
+    adapters, losses = {}, {}
+    for backend in ("", "aot_eager"):
+        model_settings = ModelSettings(
+            name=str(tiny_model_dir), quantization=0, compile=backend,
+            lora=LoraSettings(dropout=0.05),
+        )  # fmt: skip
+        model, tokenizer, _ = resident_model(model_settings, bf16=False, seed=0)
+        layers = model.get_base_model().get_decoder().layers
+        assert all((layer._compiled_call_impl is not None) == bool(backend) for layer in layers)
+        torch.manual_seed(0)
+        report = training.train_round(model, tokenizer, RECORDS, settings, lr=1e-3, server_round=1)
+        adapters[backend], losses[backend] = adapter_state(model), report.step_losses
+    assert losses["aot_eager"] == pytest.approx(losses[""], rel=1e-6)
+    for key, value in adapters[""].items():
+        torch.testing.assert_close(adapters["aot_eager"][key], value)
