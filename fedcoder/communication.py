@@ -87,12 +87,23 @@ def send_and_receive(
     its last reply came in, in every round. This pulls every `poll_s` seconds, as
     Flower's in-memory grid of the simulation engine does (0.1 s). Replies not in
     by `timeout` (None: wait for all) are left out, as Flower does.
+
+    When a node is gone, the SuperLink answers for it with an error reply whose
+    source is the SuperLink itself; such a reply is credited to the node that was
+    asked, so records name the node that failed.
     """
-    pending = set(grid.push_messages(messages))
+    messages = list(messages)
+    message_ids = list(grid.push_messages(messages))
+    asked = {mid: m.metadata.dst_node_id for mid, m in zip(message_ids, messages, strict=True)}
+    pending = set(message_ids)
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
         pulled = list(grid.pull_messages(pending))
+        for reply in pulled:
+            node = asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            # Metadata has no setter; Flower's own grids write its fields the same way.
+            reply.metadata.__dict__["_src_node_id"] = node
         replies.extend(pulled)
         pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
         left = None if deadline is None else deadline - time.monotonic()

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MessageType, RecordDict
 from peft import get_peft_model
 from transformers import Phi3Config
 
@@ -82,7 +82,10 @@ def test_bf16_transport_halves_the_payload():
 
 
 class _SlowGrid:
-    """A grid whose replies become available `delay_s` after the push (node 2 never answers)."""
+    """A grid whose replies become available `delay_s` after the push.
+
+    Node 2 never answers; node 4 is gone, and the SuperLink (node 1) answers for it.
+    """
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
@@ -95,10 +98,16 @@ class _SlowGrid:
         for number, message in enumerate(messages):
             message_id = f"m{number}"
             ids.append(message_id)
-            if message.metadata.dst_node_id != 2:
+            node = message.metadata.dst_node_id
+            if node == 2:
+                continue  # never answers
+            if node == 4:  # gone: the SuperLink answers for it, as itself
+                reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=message)
+                reply.metadata.__dict__["_src_node_id"] = 1
+            else:
                 reply = Message(RecordDict(), reply_to=message)
-                reply.metadata.__dict__["_reply_to_message_id"] = message_id
-                self.replies[message_id] = reply
+            reply.metadata.__dict__["_reply_to_message_id"] = message_id
+            self.replies[message_id] = reply
         return ids
 
     def pull_messages(self, message_ids):
@@ -127,3 +136,10 @@ def test_missing_replies_are_left_out_at_the_timeout():
     elapsed = time.monotonic() - started
     assert len(replies) == 2
     assert 0.5 <= elapsed < 1.5
+
+
+def test_an_error_reply_for_a_gone_node_is_credited_to_that_node():
+    replies = send_and_receive(_SlowGrid(delay_s=0.0), _queries([3, 4]), timeout=None)
+    by_node = {reply.metadata.src_node_id: reply for reply in replies}
+    assert sorted(by_node) == [3, 4]
+    assert by_node[4].has_error() and not by_node[3].has_error()

@@ -201,6 +201,10 @@ def test_run_survives_a_supernode_killed_mid_round(deployment_runs, tiny_model_d
     assert len(first["sampled"]) == 2 and len(first["no_reply"]) == 1
     assert len(rounds[0]["clients"]) == 1
     assert all(c["node_id"] != killed for r in rounds for c in r["clients"])
+    # Once the SuperLink knows the node is gone it answers for it with an error; that
+    # failure is recorded against the node that was asked, not against the SuperLink.
+    attempts = [attempt for r in rounds for attempt in r["attempts"]]
+    assert all(d["client"] in a["sampled"] for a in attempts for d in a["dropped"])
     assert all(math.isfinite(r["train_loss"]) for r in rounds)
     _load_checkpoint(deployment_runs["crash"] / "peft_2", tiny_model_dir)
 
