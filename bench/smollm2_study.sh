@@ -25,11 +25,13 @@ DATASET=$DATA/code_alpaca_2k.jsonl
 ROUNDS=${ROUNDS:-10}  # num-server-rounds: the last checkpoint is peft_$ROUNDS
 STEPS=${STEPS:-10}  # a federated client's steps a round; the single central client takes twice
 CLIENT_GPUS=${CLIENT_GPUS:-0.5}  # the two clients of a round train side by side on one GPU
-# Each task in one batch. At most 512 new tokens: at the full leaderboard length every
-# passing HumanEval completion of the base model had at most 203 tokens and every one over
-# 256 failed (docs/results.md), so the cap cuts runaway generations that fail either way.
+# Batches of 256: each task but MBPP (500, two batches) in one; three evaluations at
+# batch 512 side by side ran out of memory on an 80 GB H100. At most 512 new tokens: at the
+# full leaderboard length every passing HumanEval completion of the base model had at most
+# 203 tokens and every one over 256 failed (docs/results.md), so the cap cuts runaway
+# generations that fail either way.
 # shellcheck disable=SC2206  # EVAL_EXTRA is meant to split into flags
-EVAL_FLAGS=(--greedy --batch-size 512 --max-new-tokens 512 --data-dir "$DATA" ${EVAL_EXTRA:-})
+EVAL_FLAGS=(--greedy --batch-size 256 --max-new-tokens 512 --data-dir "$DATA" ${EVAL_EXTRA:-})
 mkdir -p "$WORK/logs" "$WORK/loss" "$WORK/eval" "$WORK/done"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the KV cache grows every step
 
