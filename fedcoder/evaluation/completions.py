@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
+from fedcoder.evaluation.data import numbered_lines
 from fedcoder.evaluation.errors import EvalError
 from fedcoder.evaluation.tasks import TASKS
 
@@ -27,13 +28,7 @@ def read_completions(
     at a time; anything malformed fails with its line number.
     """
     completions: dict[tuple[str, str], list[str]] = defaultdict(list)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise EvalError(f"{path}: not UTF-8 (bad byte at offset {err.start})") from None
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for number, line in numbered_lines(path):
         task, problem_id, completion = _parse(line, f"{path} line {number}")
         if task not in problem_ids:
             continue

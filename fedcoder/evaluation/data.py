@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -85,18 +86,27 @@ _FIELDS = {
 }
 
 
-def _local_rows(task: str, data_dir: Path) -> list[dict[str, Any]]:
-    path = data_dir / LOCAL_FILES[task]
-    if not path.is_file():
-        raise EvalError(f"missing data file {path} (needed by task {task})")
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file with their 1-based line numbers.
+
+    The whole file is decoded first, so a file that is not UTF-8 fails with one
+    line naming it before any of its rows is used.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise EvalError(f"{path}: not UTF-8 (bad byte at offset {err.start})") from None
-    rows = []
     for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+        if line.strip():
+            yield number, line
+
+
+def _local_rows(task: str, data_dir: Path) -> list[dict[str, Any]]:
+    path = data_dir / LOCAL_FILES[task]
+    if not path.is_file():
+        raise EvalError(f"missing data file {path} (needed by task {task})")
+    rows = []
+    for number, line in numbered_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
