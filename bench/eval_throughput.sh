@@ -31,17 +31,7 @@ COMMON=(--data-dir "$DATA" --batch-size "$BATCH" ${EVAL_EXTRA:-})
 mkdir -p "$WORK/logs"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the KV cache grows every step
 
-timed() {  # timed NAME COMMAND...
-  local name=$1 start rc
-  shift
-  start=$EPOCHREALTIME
-  echo "[$(date +%T)] start $name"
-  "$@" >"$WORK/logs/$name.log" 2>&1
-  rc=$?
-  awk -v n="$name" -v rc="$rc" -v s="$start" -v e="$EPOCHREALTIME" \
-    'BEGIN { printf "%s\t%s\t%.1f\n", n, rc, e - s }' | tee -a "$WORK/times.tsv"
-  return "$rc"
-}
+. "$(dirname "$0")/timed.sh"
 
 timed model python3 bench/phi4mini.py --tokenizer "$TOKENIZER" "$MODEL" || exit 1
 timed adapter python3 bench/phi4mini_adapter.py "$MODEL" "$WORK/adapter" || exit 1

@@ -35,19 +35,12 @@ EVAL_FLAGS=(--greedy --batch-size 256 --max-new-tokens 512 --data-dir "$DATA" ${
 mkdir -p "$WORK/logs" "$WORK/loss" "$WORK/eval" "$WORK/done"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the KV cache grows every step
 
-# step NAME COMMAND...: run once (skipped when WORK/done/NAME exists), log and time it.
+. "$(dirname "$0")/timed.sh"
+
+# step NAME COMMAND...: `timed`, once (skipped when WORK/done/NAME exists).
 step() {
-  local name=$1 start rc
-  shift
-  [ -e "$WORK/done/$name" ] && return 0
-  start=$EPOCHREALTIME
-  echo "[$(date +%T)] start $name"
-  "$@" >"$WORK/logs/$name.log" 2>&1
-  rc=$?
-  awk -v n="$name" -v rc="$rc" -v s="$start" -v e="$EPOCHREALTIME" \
-    'BEGIN { printf "%s\t%s\t%.1f\n", n, rc, e - s }' | tee -a "$WORK/times.tsv"
-  [ "$rc" = 0 ] && touch "$WORK/done/$name"
-  return "$rc"
+  [ -e "$WORK/done/$1" ] && return 0
+  timed "$@" && touch "$WORK/done/$1"
 }
 
 # train NAME SUPERNODES STEPS ['OVERRIDES']: a `fedcoder run` of bench/smollm2_study.toml.
