@@ -9,12 +9,11 @@ lines, its samples in file order.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from fedcoder.evaluation.data import numbered_lines
+from fedcoder.evaluation.data import json_object, numbered_lines
 from fedcoder.evaluation.errors import EvalError
 from fedcoder.evaluation.tasks import TASKS
 
@@ -44,12 +43,7 @@ def read_completions(
 
 
 def _parse(line: str, where: str) -> tuple[str, str, str]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise EvalError(f"{where}: not JSON ({err.msg})") from err
-    if not isinstance(row, dict):
-        raise EvalError(f"{where}: expected a JSON object")
+    row = json_object(line, where)
     task, problem_id, completion = (row.get(k) for k in ("task", "problem_id", "completion"))
     if task not in TASKS:
         raise EvalError(f"{where}: unknown task {task!r} (choose from {', '.join(TASKS)})")

@@ -101,18 +101,24 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL line, which must hold a JSON object; errors name `where`."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise EvalError(f"{where}: not JSON ({err.msg})") from err
+    if not isinstance(row, dict):
+        raise EvalError(f"{where}: expected a JSON object")
+    return row
+
+
 def _local_rows(task: str, data_dir: Path) -> list[dict[str, Any]]:
     path = data_dir / LOCAL_FILES[task]
     if not path.is_file():
         raise EvalError(f"missing data file {path} (needed by task {task})")
     rows = []
     for number, line in numbered_lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvalError(f"{path} line {number}: not JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise EvalError(f"{path} line {number}: expected a JSON object")
+        row = json_object(line, f"{path} line {number}")
         missing = [field for field in _FIELDS[task] if field not in row]
         if missing:
             raise EvalError(f"{path} line {number}: missing field '{missing[0]}' (task {task})")
