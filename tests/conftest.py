@@ -5,6 +5,7 @@ Everything is built offline in a second or two, so tests never need the Hub.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,29 @@ _CORPUS = [
     "for (let i = 0; i < n; i++) { console.log(i); }",
     "SELECT name FROM users WHERE age > 30;",
 ]
+
+
+def tiny_run_overrides(model_dir: Path, data: Path, results_dir: Path, **extra) -> dict:
+    """Run config for a Flower run of the tiny model on CPU that takes seconds a round."""
+    return {
+        "model.name": str(model_dir),
+        "model.quantization": 0,
+        "model.gradient-checkpointing": False,
+        "static.dataset.name": str(data),
+        "train.seq-length": 96,
+        "train.training-arguments.per-device-train-batch-size": 2,
+        "train.training-arguments.max-steps": 2,
+        "train.training-arguments.optim": "adamw_torch",
+        "train.training-arguments.bf16": False,
+        "results.dir": str(results_dir),
+        **extra,
+    }
+
+
+def write_run_config(path: Path, overrides: dict) -> Path:
+    """`overrides` as a TOML file for `--config` (flat, quoted keys)."""
+    path.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in overrides.items()))
+    return path
 
 
 def build_tiny_tokenizer():

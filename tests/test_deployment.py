@@ -20,6 +20,7 @@ import httpx
 import psutil
 import pytest
 import torch
+from conftest import tiny_run_overrides, write_run_config
 from peft import PeftModel
 
 from fedcoder.config import RunConfig
@@ -42,24 +43,12 @@ def _write_data(path: Path, operator: str) -> Path:
 
 def _run_config(work: Path, tiny_model_dir: Path, name: str, **extra) -> tuple[Path, dict]:
     data = _write_data(work / "data.jsonl", "+")
-    overrides = {
-        "num-server-rounds": 2,
-        "model.name": str(tiny_model_dir),
-        "model.quantization": 0,
-        "model.gradient-checkpointing": False,
-        "static.dataset.name": str(data),
-        "train.seq-length": 96,
-        "train.training-arguments.per-device-train-batch-size": 2,
-        "train.training-arguments.max-steps": 2,
-        "train.training-arguments.optim": "adamw_torch",
-        "train.training-arguments.bf16": False,
-        "train.save-every-round": 1,
-        "results.dir": str(work / "results"),
-        "results.run-name": name,
+    overrides = tiny_run_overrides(
+        tiny_model_dir, data, work / "results",
+        **{"num-server-rounds": 2, "train.save-every-round": 1, "results.run-name": name},
         **extra,
-    }
-    path = work / f"{name}.toml"
-    path.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in overrides.items()))
+    )  # fmt: skip
+    path = write_run_config(work / f"{name}.toml", overrides)
     return path, overrides
 
 

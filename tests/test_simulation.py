@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import tiny_run_overrides, write_run_config
 from peft import PeftModel
 
 from fedcoder.communication import encode, payload_bytes
@@ -34,21 +35,10 @@ def finished_run(tiny_model_dir, tmp_path_factory):
                     "output": f"def f(x):\n    return x + {i}\n"}) + "\n"
         for i in range(120)
     ))  # fmt: skip
-    overrides = {
-        "num-server-rounds": ROUNDS,
-        "model.name": str(tiny_model_dir),
-        "model.quantization": 0,
-        "model.gradient-checkpointing": False,
-        "static.dataset.name": str(data),
-        "train.seq-length": 96,
-        "train.training-arguments.per-device-train-batch-size": 2,
-        "train.training-arguments.max-steps": 2,
-        "train.training-arguments.optim": "adamw_torch",
-        "train.training-arguments.bf16": False,
-        "train.save-every-round": 2,
-        "results.dir": str(work / "results"),
-        "results.run-name": "e2e",
-    }
+    overrides = tiny_run_overrides(
+        tiny_model_dir, data, work / "results",
+        **{"num-server-rounds": ROUNDS, "train.save-every-round": 2, "results.run-name": "e2e"},
+    )  # fmt: skip
     if (SHARED_DATA / "mbpp.jsonl").exists():
         # Executed-code validation of the global adapter in rounds 2 and 3 (the last).
         overrides |= {
@@ -57,8 +47,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
             "validation.max-new-tokens": 4,
             "validation.data-dir": str(SHARED_DATA),
         }
-    config_file = work / "run.toml"
-    config_file.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in overrides.items()))
+    config_file = write_run_config(work / "run.toml", overrides)
     result = subprocess.run(
         [sys.executable, "-m", "fedcoder.cli", "run", "--app", str(ROOT),
          "--config", str(config_file), "--flwr-home", str(work / "flwr-home")],
