@@ -5,12 +5,21 @@
 # no network, so they travel with the call: `.whl/` (wheels, carried) and
 # `.whl-slim/` (Ray and bitsandbytes with the parts fedcoder never loads removed,
 # to fit the 64 MiB a call may carry). See docs/performance.md for how they are made.
-# Installs once per machine into /tmp/site; later calls on a warm machine reuse it.
-if [ ! -f /tmp/site/.fedcoder-ready ]; then
+# Installs into /tmp/site, each archive once per machine, whichever of the two folders
+# a call carries: on a warm machine, consecutive calls can bring them in turn.
+mkdir -p /tmp/site
+wheels=()
+for wheel in .whl/*.whl; do
+  [ -f "$wheel" ] && [ ! -f "/tmp/site/.installed-${wheel##*/}" ] && wheels+=("$wheel")
+done
+if [ ${#wheels[@]} -gt 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || return 1
-  for archive in .whl-slim/*.tar.xz; do tar xJf "$archive" -C /tmp/site || return 1; done
-  touch /tmp/site/.fedcoder-ready
+    --target /tmp/site "${wheels[@]}" || return 1
+  for wheel in "${wheels[@]}"; do touch "/tmp/site/.installed-${wheel##*/}"; done
 fi
+for archive in .whl-slim/*.tar.xz; do
+  [ -f "$archive" ] && [ ! -f "/tmp/site/.installed-${archive##*/}" ] || continue
+  tar xJf "$archive" -C /tmp/site && touch "/tmp/site/.installed-${archive##*/}" || return 1
+done
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -150,3 +150,24 @@ def test_fedcoder_eval_with_a_model_and_a_merged_adapter(tmp_path, tiny_model_di
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["problem_id"] for s in samples] == ["HumanEval/0", "HumanEval/1"]
     assert all(s["status"] in ("failed", "timeout") for s in samples)
+
+
+def test_growing_cache_decodes_like_transformers_default_cache(tiny, monkeypatch):
+    from transformers import DynamicCache
+
+    from fedcoder.evaluation import kv_cache
+
+    # Small blocks, so that 30 steps from a left-padded batch cross several regrowths.
+    monkeypatch.setattr(kv_cache, "BLOCK_TOKENS", 8)
+    model, tokenizer = tiny
+    batch = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    kwargs = {"max_new_tokens": 30, "do_sample": False, "output_scores": True}
+    kwargs |= {"return_dict_in_generate": True, "pad_token_id": tokenizer.pad_token_id}
+    with torch.inference_mode():
+        default = model.generate(**batch, **kv_cache.as_generate_kwargs(DynamicCache()), **kwargs)
+        growing = model.generate(
+            **batch, **kv_cache.as_generate_kwargs(kv_cache.GrowingCache()), **kwargs
+        )
+    assert torch.equal(default.sequences, growing.sequences)
+    for a, b in zip(default.scores, growing.scores, strict=True):
+        torch.testing.assert_close(a, b)

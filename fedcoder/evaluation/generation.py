@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from fedcoder.evaluation.errors import EvalError
+from fedcoder.evaluation.kv_cache import GrowingCache, as_generate_kwargs
 from fedcoder.evaluation.settings import GenerationSettings
 from fedcoder.evaluation.tasks import Problem, completion_prompt, truncate_at_stop
 
@@ -286,6 +287,7 @@ class Generator:
                 attention_mask=torch.tensor(attention_mask, device=device),
                 max_new_tokens=int(budgets.max()),
                 stopping_criteria=StoppingCriteriaList([criteria]),
+                **as_generate_kwargs(GrowingCache()),
                 eos_token_id=self.eos_ids,
                 pad_token_id=self.pad_id,
                 **self._sampling(),
