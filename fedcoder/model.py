@@ -16,9 +16,9 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -28,7 +28,9 @@ from transformers import (
 )
 
 from fedcoder.config import LoraSettings, ModelSettings
-from fedcoder.dora import use_factored_norm
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,12 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+# PEFT is imported where it is used: importing it (and the bitsandbytes it loads) takes
+# seconds, which `fedcoder run` would otherwise pay before Flower starts, in preflight,
+# which only reads model configs.
 def lora_config(settings: LoraSettings) -> LoraConfig:
+    from peft import LoraConfig
+
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -230,6 +237,10 @@ def add_adapter(
 
     The seed makes the adapter's random init the same wherever it is built.
     """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from fedcoder.dora import use_factored_norm
+
     check_target_modules(model, settings.lora)
     if settings.quantization and training:
         model = prepare_model_for_kbit_training(

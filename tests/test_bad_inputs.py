@@ -494,3 +494,20 @@ def test_the_console_command_prints_one_line(argv, tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("fedcoder: error: ")
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_preflight_leaves_peft_unimported(workspace):
+    # `fedcoder run` checks everything before Flower starts, so whatever the check imports
+    # delays every run; PEFT and the bitsandbytes it loads take seconds and are not needed
+    # to read a model's config.
+    code = (
+        "import sys; from pathlib import Path; from fedcoder.preflight import preflight; "
+        f"preflight(Path({str(ROOT)!r}), config_files=[{str(workspace.config)!r}]); "
+        "print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
