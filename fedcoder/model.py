@@ -284,10 +284,12 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Tensor]:
     """The global adapter before round 1, without loading a whole second model.
 
-    Only the target modules' weights are read from the safetensors files (DoRA's
-    magnitude vector is the norm of the base weight); embeddings and everything
-    else stay on the meta device. The seed fixes LoRA A's random init, so the
-    result is identical to `add_adapter` on the fully loaded model.
+    Only the target modules' weights are read from the safetensors files, one at a
+    time: LoRA A's random init and LoRA B's zeros do not depend on them, and DoRA's
+    magnitude vector is the row norm of the base weight (B is zero, so PEFT's norm of
+    W + s*BA is the norm of W). Embeddings and everything else stay on the meta
+    device. The seed fixes LoRA A's random init, so the result is identical to
+    `add_adapter` on the fully loaded model (tested).
     """
     path = resolve_model_path(settings.name)
     model = meta_model(path)
@@ -297,8 +299,9 @@ def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Te
         for name, module in model.named_modules()
         if name.rsplit(".", 1)[-1] in settings.lora.target_modules
     }
-    tensors = _read_tensors(path, set(targets))
-    if tensors is None:
+    bare = dataclasses.replace(settings, quantization=0, gradient_checkpointing=False)
+    files = _tensor_files(path, set(targets))
+    if files is None:
         log.info("Weights not found by name in safetensors; loading the base model on CPU")
         model, _ = load_base_model(
             settings.name,
@@ -306,24 +309,46 @@ def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Te
             device="cpu",
             attn_implementation=settings.attn_implementation,
         )
-    else:
-        for key, module in targets.items():
-            module.weight = torch.nn.Parameter(tensors[key].float(), requires_grad=False)
-    bare = dataclasses.replace(settings, quantization=0, gradient_checkpointing=False)
-    adapter = add_adapter(model, bare, seed=seed, training=False)
-    return {key: value.clone() for key, value in adapter_state(adapter).items()}
+        adapter = add_adapter(model, bare, seed=seed, training=False)
+        return {key: value.clone() for key, value in adapter_state(adapter).items()}
+    # PEFT builds A and B on fp32 stand-ins for the weights that take no memory (PEFT's
+    # own DoRA init would hold every target weight in fp32 at once, 13 GB for
+    # Phi-4-mini, and compute W + s*BA in full for each); the norms are added after.
+    for module in targets.values():
+        stand_in = torch.zeros((), dtype=torch.float32).expand(module.weight.shape)
+        module.weight = torch.nn.Parameter(stand_in, requires_grad=False)
+    lora_only = dataclasses.replace(bare.lora, use_dora=False)
+    adapter = add_adapter(
+        model, dataclasses.replace(bare, lora=lora_only), seed=seed, training=False
+    )
+    state = {}
+    for key, value in adapter_state(adapter).items():
+        state[key] = value.clone()
+        if settings.lora.use_dora and key.endswith(".lora_B.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+            weight = _read_tensor(files[f"{module}.weight"], f"{module}.weight")
+            # The same op on the same fp32 values as PEFT's DoRA init: bit-identical.
+            norm = torch.linalg.norm(weight.float(), dim=1)
+            state[key.removesuffix("lora_B.weight") + "lora_magnitude_vector"] = norm
+    return state
 
 
-def _read_tensors(path: str, keys: set[str]) -> dict[str, torch.Tensor] | None:
+def _tensor_files(path: str, keys: set[str]) -> dict[str, Path] | None:
+    """The safetensors file holding each of `keys`, or None unless all are found."""
     from safetensors import safe_open
 
-    files = _safetensors_files(path)
-    found: dict[str, torch.Tensor] = {}
-    for file in files:
+    found: dict[str, Path] = {}
+    for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as handle:
-            for key in keys & set(handle.keys()):
-                found[key] = handle.get_tensor(key)
+            found |= dict.fromkeys(keys & set(handle.keys()), file)
     return found if found.keys() == keys else None
+
+
+def _read_tensor(file: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return handle.get_tensor(key)
 
 
 def _safetensors_files(path: str) -> list[Path]:

@@ -25,14 +25,19 @@ def settings(model_dir, **kw) -> ModelSettings:
     return ModelSettings(name=str(model_dir), quantization=0, gradient_checkpointing=False, **kw)
 
 
-def test_initial_adapter_matches_a_fully_loaded_model(tiny_model_dir):
-    init = initial_adapter(settings(tiny_model_dir), seed=5)
+@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
+def test_initial_adapter_matches_a_fully_loaded_model(tiny_model_dir, use_dora):
+    from fedcoder.config import LoraSettings
+
+    model_settings = settings(tiny_model_dir, lora=LoraSettings(use_dora=use_dora))
+    init = initial_adapter(model_settings, seed=5)
     model, _ = load_base_model(str(tiny_model_dir), dtype=torch.float32, device="cpu")
-    full = adapter_state(add_adapter(model, settings(tiny_model_dir), seed=5))
-    assert init.keys() == full.keys() and len(init) == 2 * 4 * 3  # 2 layers x 4 modules x A,B,m
+    full = adapter_state(add_adapter(model, model_settings, seed=5))
+    # 2 layers x 4 modules x (A, B and with DoRA the magnitude), in PEFT's order
+    assert list(init) == list(full) and len(init) == 2 * 4 * (3 if use_dora else 2)
     for key in init:
         assert torch.equal(init[key], full[key]), key
-    assert any("lora_magnitude_vector" in k for k in init)
+    assert any("lora_magnitude_vector" in k for k in init) == use_dora
     assert not torch.equal(
         init[next(iter(init))], initial_adapter(settings(tiny_model_dir), seed=6)[next(iter(init))]
     )
