@@ -301,8 +301,9 @@ def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Te
     }
     bare = dataclasses.replace(settings, quantization=0, gradient_checkpointing=False)
     files = _tensor_files(path, set(targets))
-    if files is None:
-        log.info("Weights not found by name in safetensors; loading the base model on CPU")
+    # The row norm below is DoRA's magnitude for nn.Linear only (Conv1D stores W transposed).
+    if files is None or not all(isinstance(m, torch.nn.Linear) for m in targets.values()):
+        log.info("Building the initial adapter on the base model loaded on CPU")
         model, _ = load_base_model(
             settings.name,
             dtype=torch.float32,
