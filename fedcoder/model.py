@@ -284,12 +284,12 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Tensor]:
     """The global adapter before round 1, without loading a whole second model.
 
-    Only the target modules' weights are read from the safetensors files, one at a
-    time: LoRA A's random init and LoRA B's zeros do not depend on them, and DoRA's
-    magnitude vector is the row norm of the base weight (B is zero, so PEFT's norm of
-    W + s*BA is the norm of W). Embeddings and everything else stay on the meta
-    device. The seed fixes LoRA A's random init, so the result is identical to
-    `add_adapter` on the fully loaded model (tested).
+    LoRA A's random init and LoRA B's zeros do not depend on the base weights; DoRA's
+    magnitude vector is the row norm of each target weight (B is zero, so PEFT's norm
+    of W + s*BA is the norm of W), read from the safetensors files one at a time.
+    Embeddings and everything else stay on the meta device. The seed fixes LoRA A's
+    random init, so the result is identical to `add_adapter` on the fully loaded model
+    (tested).
     """
     path = resolve_model_path(settings.name)
     model = meta_model(path)
@@ -300,9 +300,10 @@ def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Te
         if name.rsplit(".", 1)[-1] in settings.lora.target_modules
     }
     bare = dataclasses.replace(settings, quantization=0, gradient_checkpointing=False)
-    files = _tensor_files(path, set(targets))
-    # The row norm below is DoRA's magnitude for nn.Linear only (Conv1D stores W transposed).
-    if files is None or not all(isinstance(m, torch.nn.Linear) for m in targets.values()):
+    # The row norm is DoRA's magnitude for nn.Linear only (Conv1D stores W transposed).
+    linear = all(isinstance(m, torch.nn.Linear) for m in targets.values())
+    norms = _row_norms(path, set(targets)) if linear and settings.lora.use_dora else {}
+    if not linear or norms is None:
         log.info("Building the initial adapter on the base model loaded on CPU")
         model, _ = load_base_model(
             settings.name,
@@ -325,31 +326,28 @@ def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Te
     state = {}
     for key, value in adapter_state(adapter).items():
         state[key] = value.clone()
-        if settings.lora.use_dora and key.endswith(".lora_B.weight"):
+        if norms and key.endswith(".lora_B.weight"):
             module = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
-            weight = _read_tensor(files[f"{module}.weight"], f"{module}.weight")
-            # The same op on the same fp32 values as PEFT's DoRA init: bit-identical.
-            norm = torch.linalg.norm(weight.float(), dim=1)
-            state[key.removesuffix("lora_B.weight") + "lora_magnitude_vector"] = norm
+            state[key.removesuffix("lora_B.weight") + "lora_magnitude_vector"] = norms[
+                f"{module}.weight"
+            ]
     return state
 
 
-def _tensor_files(path: str, keys: set[str]) -> dict[str, Path] | None:
-    """The safetensors file holding each of `keys`, or None unless all are found."""
+def _row_norms(path: str, keys: set[str]) -> dict[str, torch.Tensor] | None:
+    """The fp32 row norms of the weights `keys`, one weight in memory at a time; None
+    unless all are found in the safetensors files.
+
+    The same op on the same fp32 values as PEFT's DoRA init (B is zero): bit-identical.
+    """
     from safetensors import safe_open
 
-    found: dict[str, Path] = {}
+    norms: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as handle:
-            found |= dict.fromkeys(keys & set(handle.keys()), file)
-    return found if found.keys() == keys else None
-
-
-def _read_tensor(file: Path, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        return handle.get_tensor(key)
+            for key in keys & set(handle.keys()):
+                norms[key] = torch.linalg.norm(handle.get_tensor(key).float(), dim=1)
+    return norms if norms.keys() == keys else None
 
 
 def _safetensors_files(path: str) -> list[Path]:
