@@ -1,18 +1,20 @@
-"""Time one decoding step of `fedcoder eval`'s generation on the GPU, by KV-cache kind.
+"""Time one decoding step of `fedcoder eval`'s generation on the GPU, by decoding loop.
 
-`fedcoder eval` samples with Hugging Face `generate` at large batches; this measures what a
-step costs with the Phi-4-mini-shaped model (random weights, built on the GPU, never saved)
-at two context lengths, for each cache kind, and profiles a few steps of each:
+This measures what a step costs with the Phi-4-mini-shaped model (random weights, built on
+the GPU, never saved) at a few context lengths, and profiles a few steps of each:
 
-* dynamic: transformers' default cache (one `torch.cat` of every layer's cache a step);
-* growing: `fedcoder.evaluation.kv_cache.GrowingCache` (written in place);
-* static-compiled: transformers' `StaticCache` with its automatic `torch.compile` of the
-  decoding step (CUDA graphs); the first call's compile time is reported apart.
+* dynamic: transformers' `generate` with its default cache (one `torch.cat` of every
+  layer's cache a step), the library's own path;
+* fedcoder-eager: fedcoder's loop (`fedcoder.evaluation.decoding`) launching each step's
+  kernels from Python;
+* fedcoder: the same loop replaying each step from a CUDA graph, as `fedcoder eval` does.
+
+It also checks that the graphs decode the tokens the eager loop decodes (greedy).
 
     python bench/decode_step.py --tokenizer /tmp/o200k_tok --out $OUT/decode
 
-Rows are left-padded like fedcoder's batches and stopped by fedcoder's own stop-string
-criterion, so the host work per step is the same as in `fedcoder eval`.
+Rows are left-padded like fedcoder's batches and checked for HumanEval's stop strings, so
+the host work per step is the same as in `fedcoder eval`.
 """
 
 from __future__ import annotations
@@ -26,19 +28,14 @@ from pathlib import Path
 import torch
 import transformers
 from phi4mini import phi4mini_config
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    StaticCache,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 
-from fedcoder.evaluation.generation import StopOnStrings
-from fedcoder.evaluation.kv_cache import GrowingCache, as_generate_kwargs
+from fedcoder.evaluation.decoding import decode, sampler
+from fedcoder.evaluation.generation import StopStrings
 
-VARIANTS = ("dynamic", "growing", "static-compiled")
+VARIANTS = ("dynamic", "fedcoder-eager", "fedcoder")
 STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")  # HumanEval's
+SAMPLE = {"greedy": False, "temperature": 0.2, "top_p": 0.95}  # the leaderboard's
 
 
 def sync() -> None:
@@ -57,60 +54,57 @@ def batch(width: int, size: int, vocab: int, generator: torch.Generator) -> dict
 
 
 def generate(
-    model,
-    tokenizer,
-    inputs: dict,
-    steps: int,
-    variant: str,
-    cache_tokens: int = 0,
-    extra_criteria: list | None = None,
-) -> float:
-    """Seconds for `steps` new tokens (random weights almost never sample the EOS).
-
-    `cache_tokens`: the static cache's length, the same for every call of one shape so
-    that the compiled step is reused.
-    """
-    rows, width = inputs["input_ids"].shape
-    criteria = StopOnStrings(tokenizer, [STOPS] * rows, width, torch.full((rows,), steps))
-    kwargs = {}
-    if variant == "growing":
-        kwargs = as_generate_kwargs(GrowingCache())
-    elif variant == "static-compiled":
-        kwargs = as_generate_kwargs(
-            StaticCache(config=model.config, max_cache_len=cache_tokens or width + steps)
-        )
+    model, tokenizer, inputs: dict, steps: int, variant: str, on_step=None, greedy: bool = False
+) -> tuple[float, list[list[int]]]:
+    """Seconds for `steps` new tokens (random weights almost never sample the EOS), and
+    the tokens. `on_step` is called once a step."""
+    rows = inputs["input_ids"].shape[0]
     sync()
     started = time.perf_counter()
     with torch.inference_mode():
-        model.generate(
-            **inputs,
-            max_new_tokens=steps,
-            stopping_criteria=StoppingCriteriaList([criteria, *(extra_criteria or [])]),
-            do_sample=True,
-            temperature=0.2,
-            top_p=0.95,
-            top_k=0,
-            pad_token_id=0,
-            **kwargs,
-        )
+        if variant == "dynamic":
+            tokens = model.generate(
+                **inputs,
+                max_new_tokens=steps,
+                stopping_criteria=[_EachStep(on_step)] if on_step else None,
+                do_sample=not greedy,
+                temperature=SAMPLE["temperature"],
+                top_p=SAMPLE["top_p"],
+                top_k=0,
+                pad_token_id=0,
+            )[:, inputs["input_ids"].shape[1] :].tolist()
+        else:
+            choose = sampler(**{**SAMPLE, "greedy": greedy})
+            prompts = [
+                ids[mask.bool()].tolist()
+                for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+            ]
+            tokens = decode(
+                model,
+                prompts,
+                [steps] * rows,
+                pad_id=0,
+                eos_ids=[tokenizer.eos_token_id],
+                choose=(lambda logits: (on_step(), choose(logits))[1]) if on_step else choose,
+                stop_check=StopStrings(tokenizer, [STOPS] * rows),
+                cuda_graphs=variant == "fedcoder",
+            )
     sync()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, tokens
 
 
-class _ProfilerStep(StoppingCriteria):
-    """Advances the profiler's schedule once per generated token; never stops anything."""
+class _EachStep(StoppingCriteria):
+    """Calls `on_step` once per generated token; never stops anything."""
 
-    def __init__(self, profiler) -> None:
-        self.profiler = profiler
+    def __init__(self, on_step) -> None:
+        self.on_step = on_step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs):
-        self.profiler.step()
+        self.on_step()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def profile_steps(
-    model, tokenizer, inputs: dict, steps: int, variant: str, cache_tokens: int, out: Path
-) -> dict:
+def profile_steps(model, tokenizer, inputs: dict, steps: int, variant: str, out: Path) -> dict:
     """torch.profiler over `steps` decoding steps, after the prefill and two more steps."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -118,7 +112,7 @@ def profile_steps(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
         schedule=schedule(wait=2, warmup=1, active=steps),
     ) as prof:
-        generate(model, tokenizer, inputs, steps + 4, variant, cache_tokens, [_ProfilerStep(prof)])
+        generate(model, tokenizer, inputs, steps + 4, variant, on_step=prof.step)
     events = prof.key_averages()
     (out / f"profile-{variant}.txt").write_text(
         events.table(sort_by="self_device_time_total", row_limit=30)
@@ -172,10 +166,9 @@ def main() -> None:
     for variant in variants:
         for width, steps in contexts:
             inputs = batch(width, args.batch_size, model.config.vocab_size, generator)
-            cache = width + steps
-            first = generate(model, tokenizer, inputs, 2, variant, cache)  # warm-up, compile
-            prefill = generate(model, tokenizer, inputs, 1, variant, cache)
-            total = generate(model, tokenizer, inputs, steps, variant, cache)
+            first, _ = generate(model, tokenizer, inputs, 2, variant)  # warm-up
+            prefill, _ = generate(model, tokenizer, inputs, 1, variant)
+            total, _ = generate(model, tokenizer, inputs, steps, variant)
             run = {
                 "variant": variant,
                 "width": width,
@@ -191,11 +184,19 @@ def main() -> None:
                 torch.cuda.empty_cache()
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
-        # The last context's batch and cache length again, so nothing is compiled anew.
         results[f"profile-{variant}"] = profile_steps(
-            model, tokenizer, inputs, args.profile_steps, variant, cache, args.out
+            model, tokenizer, inputs, args.profile_steps, variant, args.out
         )
         print(variant, results[f"profile-{variant}"], flush=True)
+        (args.out / "decode.json").write_text(json.dumps(results, indent=1))
+    if {"fedcoder", "fedcoder-eager"} <= set(variants):
+        # Greedy, over more than one cache window, so a captured step that misread its
+        # inputs would show.
+        inputs = batch(300, 16, model.config.vocab_size, generator)
+        _, eager = generate(model, tokenizer, inputs, 300, "fedcoder-eager", greedy=True)
+        _, graphs = generate(model, tokenizer, inputs, 300, "fedcoder", greedy=True)
+        results["graphs_decode_like_eager"] = graphs == eager
+        print("graphs decode like eager:", graphs == eager, flush=True)
         (args.out / "decode.json").write_text(json.dumps(results, indent=1))
 
 

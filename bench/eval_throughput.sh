@@ -29,7 +29,6 @@ BATCH=${4:-168}
 # shellcheck disable=SC2206  # EVAL_EXTRA is meant to split into flags (dry runs: --limit 2)
 COMMON=(--data-dir "$DATA" --batch-size "$BATCH" ${EVAL_EXTRA:-})
 mkdir -p "$WORK/logs"
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the KV cache grows every step
 
 . "$(dirname "$0")/timed.sh"
 

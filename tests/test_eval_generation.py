@@ -9,6 +9,7 @@ import torch
 
 from fedcoder.cli import main
 from fedcoder.evaluation import GenerationSettings
+from fedcoder.evaluation.decoding import CHECK_EVERY
 from fedcoder.evaluation.generation import Generator, load_model
 from fedcoder.evaluation.tasks import Problem
 
@@ -96,7 +97,8 @@ def test_stop_strings_end_generation_early_and_are_cut(tiny):
     try:
         both = [_problem(p, stop=("\n\n",)) for p in PROMPTS[:2]]
         assert _generate(tiny, both, greedy=True, max_length=60) == [[""], [""]]
-        assert emit.calls <= 3  # stopped after two tokens, not after ~50
+        # Stop strings are checked every CHECK_EVERY steps: stopped then, not after ~50.
+        assert emit.calls <= CHECK_EVERY
         emit.calls = 0
         # A sequence with no stop string keeps going to its budget; the other is cut.
         mixed = [_problem(PROMPTS[0], stop=("\n\n",)), _problem(PROMPTS[0])]
@@ -152,22 +154,67 @@ def test_fedcoder_eval_with_a_model_and_a_merged_adapter(tmp_path, tiny_model_di
     assert all(s["status"] in ("failed", "timeout") for s in samples)
 
 
-def test_growing_cache_decodes_like_transformers_default_cache(tiny, monkeypatch):
-    from transformers import DynamicCache
+@pytest.mark.parametrize("greedy", [True, False])
+def test_decoding_draws_what_transformers_generate_draws(tiny, monkeypatch, greedy):
+    from transformers import set_seed
 
-    from fedcoder.evaluation import kv_cache
+    from fedcoder.evaluation import decoding, kv_cache
 
-    # Small blocks, so that 30 steps from a left-padded batch cross several regrowths.
+    # Small blocks, so that the steps from a left-padded batch cross several windows.
     monkeypatch.setattr(kv_cache, "BLOCK_TOKENS", 8)
     model, tokenizer = tiny
+    settings = GenerationSettings(greedy=greedy)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    # As `fedcoder eval` gives them: shorter prompts get more new tokens, whose slots in
+    # the cache wrap around into those prompts' padding.
+    budgets = [40 - len(p) for p in prompts]
     batch = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
-    kwargs = {"max_new_tokens": 30, "do_sample": False, "output_scores": True}
-    kwargs |= {"return_dict_in_generate": True, "pad_token_id": tokenizer.pad_token_id}
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "top_k": 0}
+    sampling |= {"temperature": settings.temperature, "top_p": settings.top_p}
+    set_seed(7)
     with torch.inference_mode():
-        default = model.generate(**batch, **kv_cache.as_generate_kwargs(DynamicCache()), **kwargs)
-        growing = model.generate(
-            **batch, **kv_cache.as_generate_kwargs(kv_cache.GrowingCache()), **kwargs
+        expected = model.generate(
+            **batch,
+            max_new_tokens=max(budgets),
+            **sampling,
+            pad_token_id=tokenizer.pad_token_id,
+        )[:, batch["input_ids"].shape[1] :].tolist()
+    set_seed(7)
+    with torch.inference_mode():
+        rows = decoding.decode(
+            model,
+            prompts,
+            budgets,
+            pad_id=tokenizer.pad_token_id,
+            eos_ids=[tokenizer.eos_token_id],
+            choose=decoding.sampler(settings.greedy, settings.temperature, settings.top_p),
         )
-    assert torch.equal(default.sequences, growing.sequences)
-    for a, b in zip(default.scores, growing.scores, strict=True):
-        torch.testing.assert_close(a, b)
+    assert len(set(budgets)) > 1  # so the rows with the most new tokens wrap around
+    for row, want, budget in zip(rows, expected, budgets, strict=True):
+        assert row[:budget] == want[:budget]
+    assert len({tuple(row) for row in rows}) == len(rows)  # the rows did not collapse into one
+
+
+def test_a_batch_frees_its_kv_cache_without_the_garbage_collector(tiny):
+    import gc
+
+    from fedcoder.evaluation import decoding
+    from fedcoder.evaluation.kv_cache import SlotCache
+
+    model, tokenizer = tiny
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    gc.collect()
+    gc.disable()  # on a GPU a batch's cache is tens of GB: it must go with the batch
+    try:
+        with torch.inference_mode():
+            decoding.decode(
+                model,
+                prompts,
+                [5] * len(prompts),
+                pad_id=tokenizer.pad_token_id,
+                eos_ids=[tokenizer.eos_token_id],
+                choose=decoding.sampler(True, 1.0, 1.0),
+            )
+        assert not [o for o in gc.get_objects() if type(o) is SlotCache]
+    finally:
+        gc.enable()

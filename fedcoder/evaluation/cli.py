@@ -96,6 +96,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--batch-size", type=int, default=8, help="sequences generated together (default 8)"
     )
     generation.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="launch each decoding step's kernels from Python rather than replaying a "
+        "captured CUDA graph (slower; the same tokens)",
+    )
+    generation.add_argument(
         "--quantization",
         type=int,
         choices=(0, 4, 8),
@@ -189,6 +195,7 @@ def _settings(args: argparse.Namespace) -> GenerationSettings:
         max_length=args.max_length,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        cuda_graphs=not args.no_cuda_graphs,
     )
 
 

@@ -18,16 +18,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import (
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    set_seed,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from fedcoder.evaluation.decoding import decode, sampler
 from fedcoder.evaluation.errors import EvalError
-from fedcoder.evaluation.kv_cache import GrowingCache, as_generate_kwargs
 from fedcoder.evaluation.settings import GenerationSettings
 from fedcoder.evaluation.tasks import Problem, completion_prompt, truncate_at_stop
 
@@ -156,40 +150,21 @@ def dora_caching(model: torch.nn.Module) -> Iterator[None]:
         model.eval()
 
 
-class StopOnStrings(StoppingCriteria):
-    """Marks each sequence done once it has used its token budget or its
-    newest tokens complete one of its stop strings."""
+class StopStrings:
+    """Which rows' newest tokens complete one of their stop strings (a `StopCheck`)."""
 
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        stops: Sequence[Sequence[str]],
-        prompt_width: int,
-        budgets: torch.Tensor,
-    ):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[Sequence[str]]):
         self.tokenizer = tokenizer
         self.stops = stops
-        self.prompt_width = prompt_width
-        self.budgets = budgets
         # Every token decodes to at least one character, so a stop string just
         # completed lies within the last len(stop) tokens; one more for safety.
-        self.window = max((len(s) for row in stops for s in row), default=0) + 1
-        self.stopped = [False] * len(stops)  # a sequence that hit a stop string stays done
+        self.lookback = max((len(s) for row in stops for s in row), default=0) + 1
 
-    def __call__(
-        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
-    ) -> torch.BoolTensor:
-        generated = input_ids[:, self.prompt_width :]
-        done = self.budgets.to(input_ids.device) <= generated.shape[1]
-        # Decoding costs a tokenizer call per row every step, as much as the forward pass of
-        # a small model: decode only rows that have stop strings and have not hit one yet,
-        # from one copy to the host (rather than one per row).
-        pending = [i for i, row in enumerate(self.stops) if row and not self.stopped[i]]
-        if pending:
-            tails = self.tokenizer.batch_decode(generated[pending, -self.window :].tolist())
-            for i, tail in zip(pending, tails, strict=True):
-                self.stopped[i] = any(s in tail for s in self.stops[i])
-        return done | torch.tensor(self.stopped, dtype=torch.bool, device=input_ids.device)
+    def __call__(self, rows: list[int], tails: list[list[int]]) -> list[bool]:
+        texts = self.tokenizer.batch_decode(tails)
+        return [
+            any(s in text for s in self.stops[row]) for row, text in zip(rows, texts, strict=True)
+        ]
 
 
 class Generator:
@@ -211,6 +186,7 @@ class Generator:
             raise EvalError("the tokenizer and generation config define no EOS token")
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
+        self.choose = sampler(settings.greedy, settings.temperature, settings.top_p)
 
     def __call__(self, problems: Sequence[Problem]) -> list[list[str]]:
         if not problems:
@@ -272,27 +248,20 @@ class Generator:
     def _generate(
         self, prompts: list[list[int]], stops: list[tuple[str, ...]], max_length: int
     ) -> list[str]:
-        width = max(len(p) for p in prompts)
-        padding = [width - len(p) for p in prompts]  # on the left, so every prompt ends at `width`
-        input_ids = [[self.pad_id] * pad + p for pad, p in zip(padding, prompts, strict=True)]
-        attention_mask = [[0] * pad + [1] * len(p) for pad, p in zip(padding, prompts, strict=True)]
-        device = self.model.device
         cap = self.settings.max_new_tokens or max_length  # no cap beyond max_length
-        budgets = torch.tensor([min(max_length - len(p), cap) for p in prompts])
-        criteria = StopOnStrings(self.tokenizer, stops, width, budgets)
+        budgets = [min(max_length - len(p), cap) for p in prompts]
         started = time.perf_counter()
         with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=torch.tensor(input_ids, device=device),
-                attention_mask=torch.tensor(attention_mask, device=device),
-                max_new_tokens=int(budgets.max()),
-                stopping_criteria=StoppingCriteriaList([criteria]),
-                **as_generate_kwargs(GrowingCache()),
-                eos_token_id=self.eos_ids,
-                pad_token_id=self.pad_id,
-                **self._sampling(),
+            rows = decode(
+                self.model,
+                prompts,
+                budgets,
+                pad_id=self.pad_id,
+                eos_ids=self.eos_ids,
+                choose=self.choose,
+                stop_check=StopStrings(self.tokenizer, stops) if any(stops) else None,
+                cuda_graphs=self.settings.cuda_graphs,
             )
-        rows = output[:, width:].tolist()
         # Every row runs as many steps as the batch's longest, so this is what the device did.
         steps, seconds = len(rows[0]), time.perf_counter() - started
         log.info(
@@ -304,21 +273,8 @@ class Generator:
         )
         return [
             truncate_at_stop(self._decode(prompt, row[:budget]), row_stops)
-            for prompt, row, budget, row_stops in zip(
-                prompts, rows, budgets.tolist(), stops, strict=True
-            )
+            for prompt, row, budget, row_stops in zip(prompts, rows, budgets, stops, strict=True)
         ]
-
-    def _sampling(self) -> dict:
-        if self.settings.greedy:
-            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        # top_k=0 turns off the top-k filter that generation configs often set.
-        return {
-            "do_sample": True,
-            "temperature": self.settings.temperature,
-            "top_p": self.settings.top_p,
-            "top_k": 0,
-        }
 
     def _decode(self, prompt: list[int], generated: list[int]) -> str:
         """The text after the prompt, up to the first EOS.

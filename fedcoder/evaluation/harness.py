@@ -72,9 +72,12 @@ def evaluate(
             "dtype": dtype or default_dtype(),
         },
         "mode": settings.mode,
-        # Batch size changes which random numbers each sample draws, not what a sample is.
+        # Batch size changes which random numbers each sample draws, not what a sample is;
+        # CUDA graphs change neither.
         "generation": {
-            k: v for k, v in asdict(settings).items() if k not in ("mode", "batch_size")
+            k: v
+            for k, v in asdict(settings).items()
+            if k not in ("mode", "batch_size", "cuda_graphs")
         },
         "limits": asdict(limits),
     }

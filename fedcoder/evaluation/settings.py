@@ -21,6 +21,7 @@ class GenerationSettings:
     max_length: int | None = None  # prompt + new tokens; None: each task's own (1024, MBPP 2048)
     max_new_tokens: int | None = None  # a further cap on generated tokens; None: none
     batch_size: int = 8  # sequences per forward pass
+    cuda_graphs: bool = True  # replay each decoding step from a CUDA graph (GPU only)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
