@@ -13,8 +13,12 @@ for wheel in .whl/*.whl; do
   [ -f "$wheel" ] && [ ! -f "/tmp/site/.installed-${wheel##*/}" ] && wheels+=("$wheel")
 done
 if [ ${#wheels[@]} -gt 0 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "${wheels[@]}" || return 1
+  # Into a fresh folder, then merged: pip's --target --upgrade replaces whole folders
+  # such as bin/, which would drop the scripts (flower-superlink) of an earlier call.
+  staged=$(mktemp -d /tmp/site-staged.XXXX)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$staged" "${wheels[@]}" || return 1
+  cp -a "$staged/." /tmp/site/ && rm -rf "$staged"
   for wheel in "${wheels[@]}"; do touch "/tmp/site/.installed-${wheel##*/}"; done
 fi
 for archive in .whl-slim/*.tar.xz; do
