@@ -10,7 +10,7 @@ import torch
 from fedcoder.cli import main
 from fedcoder.evaluation import GenerationSettings
 from fedcoder.evaluation.decoding import CHECK_EVERY
-from fedcoder.evaluation.generation import Generator, load_model
+from fedcoder.evaluation.generation import Generator, default_dtype, load_model
 from fedcoder.evaluation.tasks import Problem
 
 # Already stripped, so that they are exactly what the model sees.
@@ -147,7 +147,8 @@ def test_fedcoder_eval_with_a_model_and_a_merged_adapter(tmp_path, tiny_model_di
     results = json.loads((out / "results.json").read_text())
     assert results["humaneval"]["n_problems"] == 2 and results["humaneval"]["pass@1"] == 0.0
     assert results["config"]["source"]["adapter"] == str(adapter)
-    assert results["config"]["source"]["dtype"] == "float32"
+    # "auto" is recorded as what it resolved to: float32 here, bfloat16 on a GPU.
+    assert results["config"]["source"]["dtype"] == default_dtype()
     assert results["config"]["max_length"] == {"humaneval": 448}
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["problem_id"] for s in samples] == ["HumanEval/0", "HumanEval/1"]
@@ -218,3 +219,29 @@ def test_a_batch_frees_its_kv_cache_without_the_garbage_collector(tiny):
         assert not [o for o in gc.get_objects() if type(o) is SlotCache]
     finally:
         gc.enable()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_decode_like_eager_steps(tiny_model_dir, monkeypatch):
+    from fedcoder.evaluation import decoding, kv_cache
+
+    # Several windows, so that each captured graph must read the moving slot and mask.
+    monkeypatch.setattr(kv_cache, "BLOCK_TOKENS", 8)
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float32", device="cuda")
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    budgets = [40 - len(p) for p in prompts]
+    runs = []
+    for graphs in (False, True):
+        with torch.inference_mode():
+            runs.append(
+                decoding.decode(
+                    model,
+                    prompts,
+                    budgets,
+                    pad_id=tokenizer.pad_token_id,
+                    eos_ids=[tokenizer.eos_token_id],
+                    choose=decoding.sampler(True, 1.0, 1.0),
+                    cuda_graphs=graphs,
+                )
+            )
+    assert runs[0] == runs[1]
