@@ -18,6 +18,10 @@ if [ ${#wheels[@]} -gt 0 ]; then
   staged=$(mktemp -d /tmp/site-staged.XXXX)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target "$staged" "${wheels[@]}" || return 1
+  # Byte-compiled once here (pip's own compile is off, it is slower): otherwise every
+  # process of a run compiles what it imports, which cost a fresh machine about 30 s of
+  # Flower start-up (docs/performance.md, fifth session).
+  python3 -m compileall -q -j 0 "$staged" >/dev/null
   cp -a "$staged/." /tmp/site/ && rm -rf "$staged"
   for wheel in "${wheels[@]}"; do touch "/tmp/site/.installed-${wheel##*/}"; done
 fi
