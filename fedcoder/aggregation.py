@@ -2,9 +2,10 @@
 
 Built on Flower's FedAvg, changing only what the adapter recipe needs:
 - sampling uses the strategy's own seeded RNG over the nodes' data identities
-  (which partition or dataset each node trains on, asked once per node), not
-  over node ids, which change each time a simulation or SuperNode starts; so a
-  run, and a run resumed after a crash, samples the same data in each round;
+  (which partition or dataset each node trains on, asked once per node:
+  `fedcoder.identities`), not over node ids, which change each time a
+  simulation or SuperNode starts; so a run, and a run resumed after a crash,
+  samples the same data in each round;
 - replies are combined in the order of those identities, so float sums, and
   with them the global adapter, are bit-identical from run to run;
 - each reply is checked before it is averaged (same tensors as the global
@@ -32,13 +33,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedcoder.communication import decode, encode, send_and_receive, wire_dtype
+from fedcoder.communication import decode, encode, wire_dtype
+from fedcoder.identities import NodeIdentities
 
 log = logging.getLogger(__name__)
 
 WEIGHT_KEY = "num-examples"
-IDENTITY_KEY = "data-identity"
-IDENTIFY_TIMEOUT_S = 300.0
 
 
 class AdapterFedAvg(FedAvg):
@@ -56,6 +56,7 @@ class AdapterFedAvg(FedAvg):
         aggregation: str = "fedavg",
         trim_fraction: float = 0.2,
         wait_for_nodes_s: float = 300.0,
+        identities: NodeIdentities | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -71,13 +72,14 @@ class AdapterFedAvg(FedAvg):
         self.trim_fraction = trim_fraction
         self.rng = random.Random(seed)
         self.wait_for_nodes_s = wait_for_nodes_s
-        self.identities: dict[int, str] = {}
+        # Given when the ServerApp asked the nodes before building the strategy.
+        self.identities = identities or NodeIdentities()
         self._expected: dict[str, tuple[int, ...]] = {}
         self.dropped: list[tuple[int, str]] = []
 
     def identity(self, node_id: int) -> str:
         """What a node trains on (e.g. "partition 3/10"), or its id if it never said."""
-        return self.identities.get(node_id, f"node {node_id}")
+        return self.identities.name(node_id)
 
     def sample(self, grid: Grid) -> list[int]:
         """Pick this round's clients with the strategy's own RNG, over data identities."""
@@ -92,21 +94,11 @@ class AdapterFedAvg(FedAvg):
                 f"only {len(node_ids)} nodes connected, at least "
                 f"{self.min_available_nodes} needed (strategy.min-train-nodes)"
             )
-        self._identify(grid, [node for node in node_ids if node not in self.identities])
+        self.identities.ask(grid, node_ids)
+        self.identities.collect(grid)
         candidates = sorted(node_ids, key=lambda node: (self.identity(node), node))
         size = max(int(len(candidates) * self.fraction_train), self.min_train_nodes)
         return self.rng.sample(candidates, min(size, len(candidates)))
-
-    def _identify(self, grid: Grid, node_ids: list[int]) -> None:
-        """Ask new nodes what data they hold (a query message, answered without the model)."""
-        if not node_ids:
-            return
-        messages = self._construct_messages(RecordDict(), node_ids, MessageType.QUERY)
-        for reply in send_and_receive(grid, messages, timeout=IDENTIFY_TIMEOUT_S):
-            if not reply.has_error() and "identity" in reply.content:
-                identity = reply.content["identity"].get(IDENTITY_KEY)
-                if isinstance(identity, str):
-                    self.identities[reply.metadata.src_node_id] = identity
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -2,22 +2,33 @@
 
 A client receives the global adapter, trains it on its own data for one round
 and replies with the new adapter and what it trained on.
+
+Importing this module loads Flower only; torch, transformers and PEFT are
+imported by the first message that needs them. The Simulation Engine imports
+the ClientApp before it starts Ray, and each worker imports it on its first
+message, the server's data-identity query: both are then quick, and a worker
+that keeps its model loads it in the background while it answers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
+import time
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcoder.aggregation import IDENTITY_KEY
-from fedcoder.communication import decode, encode
-from fedcoder.config import RunConfig
-from fedcoder.data import load_partition
-from fedcoder.model import adapter_state, physical_gpu, resident_model, set_adapter_state
-from fedcoder.training import train_round
+from fedcoder.config import ModelSettings, RunConfig
+from fedcoder.identities import IDENTITY_KEY
+
+log = logging.getLogger(__name__)
+
+# Set to "1" by a process that runs many ClientApp messages (`fedcoder
+# clientapp-worker` does), so that a model loaded early is used later.
+RESIDENT_WORKER_ENV = "FEDCODER_RESIDENT_WORKER"
 
 app = ClientApp()
 
@@ -39,16 +50,81 @@ def _data_spec(context: Context, default_dataset: str) -> tuple[str, int, int]:
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server what data this node holds, so it samples by data, not by node id."""
-    dataset, partition_id, num_partitions = _data_spec(
-        context, RunConfig.from_flat(context.run_config).data.name
-    )
+    config = RunConfig.from_flat(context.run_config)
+    dataset, partition_id, num_partitions = _data_spec(context, config.data.name)
+    if serves_many_messages():
+        start_loading(config)
     identity = f"{dataset} partition {partition_id:05d}/{num_partitions}"
     return Message(RecordDict({"identity": ConfigRecord({IDENTITY_KEY: identity})}), reply_to=msg)
+
+
+def serves_many_messages() -> bool:
+    """Whether this process will run later messages too, so a model loaded now is used.
+
+    True in a Simulation Engine worker (a Ray actor) and in `fedcoder
+    clientapp-worker`; false in `flwr-clientapp`, which exits after one message.
+    """
+    if os.environ.get(RESIDENT_WORKER_ENV) == "1":
+        return True
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+_loaders: dict[tuple[ModelSettings, bool, int], threading.Thread] = {}
+
+
+def start_loading(config: RunConfig) -> None:
+    """Load the resident model in a background thread, once per process and model.
+
+    A failure is only logged: the training message loads the model again and
+    reports the error as its own.
+    """
+    key = _model_key(config)
+    if key in _loaders:
+        return
+
+    def load() -> None:
+        try:
+            from fedcoder.model import resident_model
+
+            resident_model(config.model, bf16=config.train.bf16, seed=config.train.seed)
+        except Exception as err:  # noqa: BLE001 - reported again by the training message
+            log.warning("loading the base model ahead of training failed: %s", err)
+
+    _loaders[key] = threading.Thread(target=load, name="fedcoder-model-load", daemon=True)
+    _loaders[key].start()
+
+
+def _wait_for_loading(config: RunConfig) -> float:
+    """Seconds spent waiting for this model's background load, if one is still running.
+
+    Training waits before it imports anything itself, so that no two threads import
+    the ML stack at the same time.
+    """
+    loader = _loaders.get(_model_key(config))
+    if loader is None or not loader.is_alive():
+        return 0.0
+    started = time.perf_counter()
+    loader.join()
+    return time.perf_counter() - started
+
+
+def _model_key(config: RunConfig) -> tuple[ModelSettings, bool, int]:
+    return config.model, config.train.bf16, config.train.seed
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flat(context.run_config)
+    waited = _wait_for_loading(config)
+
+    import torch
+
+    from fedcoder.communication import decode, encode
+    from fedcoder.data import load_partition
+    from fedcoder.model import adapter_state, physical_gpu, resident_model, set_adapter_state
+    from fedcoder.training import train_round
+
     server_round = int(msg.content["config"]["server-round"])
     model, tokenizer, load_seconds = resident_model(
         config.model, bf16=config.train.bf16, seed=config.train.seed
@@ -77,7 +153,8 @@ def train(msg: Message, context: Context) -> Message:
         **report.as_metrics(),
         "num-examples": report.examples,
         "partition-id": partition_id,
-        "model-load-seconds": load_seconds,
+        # Time this message spent on the model: waiting for the background load, or loading.
+        "model-load-seconds": waited + load_seconds,
         "worker-pid": os.getpid(),  # shows which worker kept the model resident
         "gpu": physical_gpu(),  # which of the host's GPUs trained it (-1: CPU)
     }

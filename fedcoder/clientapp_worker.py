@@ -17,6 +17,7 @@ runs of that same fedcoder version and answers any other app with an error.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
@@ -69,7 +70,12 @@ def serve(
     logging.getLogger("flwr").propagate = False
     # Import torch, transformers and the app now, while the federation starts,
     # rather than inside the first round.
-    import fedcoder.client_app  # noqa: F401
+    import fedcoder.client_app
+    import fedcoder.training  # noqa: F401
+
+    # This process runs every message of its SuperNode: the ClientApp may load the
+    # base model as soon as the server's first query comes, ahead of training.
+    os.environ[fedcoder.client_app.RESIDENT_WORKER_ENV] = "1"
 
     certificates = validate_and_resolve_root_certificates(
         str(root_certificates) if root_certificates else None, insecure

@@ -1,7 +1,7 @@
 """Adapter payloads on the wire, and honest accounting of their size.
 
-Also the message exchange itself (`send_and_receive`). Adapters travel as
-Flower `ArrayRecord`s. numpy has no bfloat16, so a bf16
+Adapters travel as Flower `ArrayRecord`s (the exchange itself is
+`fedcoder.messaging`). numpy has no bfloat16, so a bf16
 transport sends the raw 16-bit patterns as int16 arrays; both ends know the
 transport dtype from the run config. Sizes are counted from the records that
 are actually sent, in both directions.
@@ -9,13 +9,10 @@ are actually sent, in both directions.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Message
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord
 
 MIB = 2**20
 
@@ -75,39 +72,3 @@ class CommunicationLog:
     def total_gb(self) -> float:
         """FlowerTune's leaderboard "GB": its MB / 1000."""
         return self.total_mb / 1000
-
-
-def send_and_receive(
-    grid: Grid, messages: Iterable[Message], *, timeout: float | None, poll_s: float = 0.2
-) -> list[Message]:
-    """Push messages and collect their replies as soon as they arrive.
-
-    In a deployment, Flower 1.42's `Grid.send_and_receive` (its HTTP grid) sleeps
-    3 s between pulls, so every exchange ends up to 3 s (1.5 s on average) after
-    its last reply came in, in every round. This pulls every `poll_s` seconds, as
-    Flower's in-memory grid of the simulation engine does (0.1 s). Replies not in
-    by `timeout` (None: wait for all) are left out, as Flower does.
-
-    When a node is gone, the SuperLink answers for it with an error reply whose
-    source is the SuperLink itself; such a reply is credited to the node that was
-    asked, so records name the node that failed.
-    """
-    messages = list(messages)
-    message_ids = list(grid.push_messages(messages))
-    asked = {mid: m.metadata.dst_node_id for mid, m in zip(message_ids, messages, strict=True)}
-    pending = set(message_ids)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending:
-        pulled = list(grid.pull_messages(pending))
-        for reply in pulled:
-            node = asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            # Metadata has no setter; Flower's own grids write its fields the same way.
-            reply.metadata.__dict__["_src_node_id"] = node
-        replies.extend(pulled)
-        pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
-        left = None if deadline is None else deadline - time.monotonic()
-        if not pending or (left is not None and left <= 0):
-            break
-        time.sleep(poll_s if left is None else min(poll_s, left))
-    return replies

@@ -21,8 +21,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedcoder.aggregation import AdapterFedAvg
-from fedcoder.communication import MIB, CommunicationLog, payload_bytes, send_and_receive
+from fedcoder.communication import MIB, CommunicationLog, payload_bytes
 from fedcoder.config import RunConfig
+from fedcoder.identities import NodeIdentities
+from fedcoder.messaging import send_and_receive
 from fedcoder.results import RunDirectory
 from fedcoder.run_state import RunState
 from fedcoder.training import cosine_lr
@@ -32,7 +34,7 @@ class RoundFailedError(RuntimeError):
     """A round got too few valid replies in every allowed attempt."""
 
 
-def build_strategy(config: RunConfig) -> AdapterFedAvg:
+def build_strategy(config: RunConfig, identities: NodeIdentities | None = None) -> AdapterFedAvg:
     return AdapterFedAvg(
         fraction_train=config.strategy.fraction_train,
         min_train_nodes=config.strategy.min_train_nodes,
@@ -42,6 +44,7 @@ def build_strategy(config: RunConfig) -> AdapterFedAvg:
         min_train_replies=config.strategy.min_train_replies,
         aggregation=config.strategy.aggregation,
         trim_fraction=config.strategy.trim_fraction,
+        identities=identities,
     )
 
 
@@ -77,9 +80,13 @@ def run_federation(
     initial_state: dict[str, torch.Tensor],
     base_model: str,
     resume_from: RunState | None = None,
+    identities: NodeIdentities | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run the remaining rounds; return the final global adapter (float32 tensors)."""
-    strategy = build_strategy(config)
+    """Run the remaining rounds; return the final global adapter (float32 tensors).
+
+    `identities`: the nodes' answers to the data-identity query, if the caller asked already.
+    """
+    strategy = build_strategy(config, identities)
     strategy.summary()
     total_rounds = config.num_server_rounds
     comm = CommunicationLog()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedcoder.aggregation import IDENTITY_KEY, AdapterFedAvg
+from fedcoder.aggregation import AdapterFedAvg
 from fedcoder.communication import encode
+from fedcoder.identities import IDENTITY_KEY
 
 GLOBAL = {"m.lora_A.weight": torch.zeros(2, 3), "m.lora_magnitude_vector": torch.ones(3)}
 

@@ -15,9 +15,9 @@ from fedcoder.communication import (
     decode,
     encode,
     payload_bytes,
-    send_and_receive,
 )
 from fedcoder.config import LoraSettings
+from fedcoder.messaging import send_and_receive
 from fedcoder.model import lora_config, meta_model
 
 NPY_HEADER = 128  # numpy .npy v1 header of a 1-D or 2-D float array, as Flower serializes it
