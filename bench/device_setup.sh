@@ -4,7 +4,7 @@
 # The machine has torch/transformers/peft but no Flower, Ray or bitsandbytes and
 # no network, so they travel with the call: `.whl/` (wheels, carried) and
 # `.whl-slim/` (Ray and bitsandbytes with the parts fedcoder never loads removed,
-# to fit the 64 MiB a call may carry). See docs/performance.md for how they are made.
+# to fit the 64 MiB a call may carry), both made by bench/device_wheels.sh.
 # Installs into /tmp/site, each archive once per machine, whichever of the two folders
 # a call carries: on a warm machine, consecutive calls can bring them in turn.
 mkdir -p /tmp/site
