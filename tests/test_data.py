@@ -1,4 +1,4 @@
-"""Tests for fedcoder.data: sources, partitions, prompts, loss masks and batching (CPU, offline)."""
+"""fedcoder.data and fedcoder.sources: sources, partitions, prompts, loss masks, batching."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from fedcoder.data import (
     DataError,
     DataStats,
     collate,
-    extract_function_pairs,
     format_prompt,
     load_holdout,
     load_partition,
@@ -29,6 +28,7 @@ from fedcoder.data import (
     round_sample,
     tokenize_example,
 )
+from fedcoder.sources import extract_function_pairs
 
 RECORD = {
     "instruction": "Write a Python function that adds two numbers.",
