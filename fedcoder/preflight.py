@@ -57,7 +57,7 @@ def preflight(
     # reject with a traceback.
     config = RunConfig.from_flat({**app_defaults(app_dir), **overrides})
     _check_federation(config, num_supernodes)
-    from fedcoder.results import check_run_directory  # loads torch: only for a valid config
+    from fedcoder.results import check_run_directory
 
     check_run_directory(config)
     _check_dataset(config, num_supernodes)
@@ -154,11 +154,17 @@ def _check_dataset(config: RunConfig, num_supernodes: int) -> None:
 
 
 def _check_model(config: RunConfig) -> None:
-    from fedcoder.model import check_target_modules, meta_model
+    from fedcoder.architecture import check_target_modules, checkpoint_module_names
 
-    # The architecture on the meta device: no weights are read, yet the target
-    # modules are checked against the real module names.
-    check_target_modules(meta_model(config.model.name), config.model.lora)
+    path = Path(config.model.name).expanduser()
+    names = checkpoint_module_names(path) if path.is_dir() else None
+    if names is None:
+        from fedcoder.model import meta_model, module_names
+
+        # The architecture on the meta device: no weights are read, yet the target
+        # modules are checked against the real module names.
+        names = module_names(meta_model(config.model.name))
+    check_target_modules(names, config.model.lora)
 
 
 def _check_validation_data(config: RunConfig) -> None:

@@ -14,14 +14,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from fedcoder.config import ConfigError, LoraSettings, RunConfig
-from fedcoder.model import lora_config
 from fedcoder.run_state import RunState, atomic_write, load_state, save_state
+
+if TYPE_CHECKING:
+    import torch
 
 BEST_LINK = "peft_best"
 
@@ -39,6 +38,12 @@ def save_adapter(
     two files PEFT's `save_pretrained` would: adapter_config.json and
     adapter_model.safetensors, with PEFT's own key names.
     """
+    # Imported here: `fedcoder run`'s preflight imports this module for
+    # check_run_directory, before Flower starts, and needs neither torch nor transformers.
+    from safetensors.torch import save_file
+
+    from fedcoder.model import lora_config
+
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     config = lora_config(lora)
     config.base_model_name_or_path = base_model

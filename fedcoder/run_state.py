@@ -11,6 +11,9 @@ After each round the new adapter file is written and synced first, then
 `state.json` is replaced atomically, then older adapter files are removed. A
 kill at any point therefore leaves a `state.json` that names a complete adapter
 file; a half-written file is never named, and its hash is checked on load.
+
+torch is imported only where a tensor is read or written: `fedcoder run`'s preflight
+checks the run directory (`fedcoder.results`) before Flower starts, without it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from fedcoder.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 STATE_FILE = "state.json"
 FORMAT = 1
@@ -47,6 +50,8 @@ class RunState:
 
 
 def save_state(directory: Path, state: RunState) -> None:
+    from safetensors.torch import save_file  # torch: see the module docstring
+
     directory.mkdir(exist_ok=True)
     adapter_file = f"adapter_round_{state.round:04d}.safetensors"
     atomic_write(
@@ -74,6 +79,8 @@ def save_state(directory: Path, state: RunState) -> None:
 
 def load_state(directory: Path, fingerprint: str) -> RunState | None:
     """The saved state, or None if no round completed; refuses another config's state."""
+    from safetensors.torch import load_file  # torch: see the module docstring
+
     path = directory / STATE_FILE
     if not path.exists():
         return None

@@ -496,11 +496,12 @@ def test_the_console_command_prints_one_line(argv, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_preflight_leaves_peft_and_datasets_unimported(workspace):
+def test_the_preflight_imports_no_ml_library(workspace):
     # `fedcoder run` checks everything before Flower starts, so whatever the check imports
-    # delays every run; PEFT and the bitsandbytes it loads take seconds and are not needed
-    # to read a model's config, nor `datasets` (pyarrow, pandas) to read a local data file.
-    heavy = ("peft", "bitsandbytes", "datasets", "flwr_datasets")
+    # delays every run. A local safetensors model's module names are in its files' headers
+    # (no torch, transformers, PEFT or bitsandbytes), and a local data file needs no
+    # `datasets` (pyarrow, pandas).
+    heavy = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "flwr_datasets")
     code = (
         "import sys; from pathlib import Path; from fedcoder.preflight import preflight; "
         f"preflight(Path({str(ROOT)!r}), config_files=[{str(workspace.config)!r}]); "

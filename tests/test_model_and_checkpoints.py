@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from fedcoder.architecture import check_target_modules, checkpoint_module_names
 from fedcoder.config import ConfigError, LoraSettings, ModelSettings, RunConfig
 from fedcoder.model import (
     ModelError,
@@ -14,6 +15,8 @@ from fedcoder.model import (
     add_adapter,
     initial_adapter,
     load_base_model,
+    meta_model,
+    module_names,
     resident_model,
     resolve_model_path,
 )
@@ -49,6 +52,46 @@ def test_unknown_target_module_is_named(tiny_model_dir):
     bad = settings(tiny_model_dir, lora=LoraSettings(target_modules=("q_proj",)))
     with pytest.raises(ModelError, match="no module named 'q_proj'"):
         initial_adapter(bad, seed=0)
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"], ids=["one-file", "sharded"])
+def test_checkpoint_headers_name_the_modules_the_built_model_has(tiny_model_dir, tmp_path, shard):
+    # The preflight reads module names from the safetensors headers instead of building
+    # the model: it must accept and refuse exactly the targets the built model would.
+    directory = tiny_model_dir
+    if shard:
+        model, _ = load_base_model(str(tiny_model_dir), dtype=torch.float32, device="cpu")
+        directory = tmp_path / "sharded"
+        model.save_pretrained(directory, max_shard_size=shard)
+        assert (directory / "model.safetensors.index.json").is_file()
+    from_headers = checkpoint_module_names(directory)
+    built = module_names(meta_model(str(tiny_model_dir)))
+    assert from_headers is not None
+    phi3_linear = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert from_headers.linear == built.linear == phi3_linear
+    assert from_headers.leaves <= built.leaves
+    for names in (from_headers, built):
+        check_target_modules(names, LoraSettings())
+        with pytest.raises(ModelError, match="no module named 'q_proj'.*'qkv_proj'"):
+            check_target_modules(names, LoraSettings(target_modules=("q_proj",)))
+
+
+def test_checkpoints_without_plain_headers_are_left_to_the_built_model(tiny_model_dir, tmp_path):
+    # No safetensors, a pre-quantized checkpoint, an unreadable config: the preflight
+    # falls back to building the model, which names what is wrong.
+    no_weights = tmp_path / "config-only"
+    no_weights.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (no_weights / "config.json").write_text(json.dumps(config))
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {}}))
+    (quantized / "model.safetensors").symlink_to(tiny_model_dir / "model.safetensors")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    for directory in (no_weights, quantized, broken):
+        assert checkpoint_module_names(directory) is None, directory.name
 
 
 def test_missing_model_path_is_named(tmp_path):
