@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from fedcoder.config import LoraSettings
 
@@ -51,7 +51,8 @@ def checkpoint_module_names(directory: Path) -> ModuleNames | None:
 
     None (a GGUF file, a Hub id, a pre-quantized or .bin checkpoint, an unreadable
     config.json) leaves the check to a model built from the config, which also gives
-    the precise error for what is wrong with it.
+    the precise error for what is wrong with it. A weight file whose header cannot be
+    read raises ModelError naming it.
     """
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
@@ -66,7 +67,11 @@ def checkpoint_module_names(directory: Path) -> ModuleNames | None:
     leaves: set[str] = set()
     linear: set[str] = set()
     for file in files:
-        with safe_open(str(file), framework="numpy") as tensors:
+        try:
+            tensors = safe_open(str(file), framework="numpy")
+        except (OSError, SafetensorError) as err:  # every process would fail to load it
+            raise ModelError(f"model.name '{directory}': cannot read {file.name}: {err}") from None
+        with tensors:
             for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 module, _, kind = name.rpartition(".")
                 leaves.update(_prefixes(module))

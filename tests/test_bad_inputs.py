@@ -164,6 +164,12 @@ def _broken_model_config(ws: Workspace) -> Path:
     return model
 
 
+def _corrupt_model_weights(ws: Workspace) -> Path:
+    model = Path(shutil.copytree(ws.model, ws.root / "inputs" / "corrupt-weights-model"))
+    (model / "model.safetensors").write_bytes(_binary(4096))
+    return model
+
+
 def _mbpp_without_text(ws: Workspace) -> Path:
     ws.file("mbpp-data/mbpp.jsonl", _jsonl([{"task_id": 11, "test_list": ["assert True"]}]))
     return ws.root / "inputs" / "mbpp-data"
@@ -335,6 +341,10 @@ CASES = {
     "model-broken-config": Case(
         lambda ws: run_with(ws, "model.name", _broken_model_config(ws)),
         ("broken-config-model", "cannot read its config"),
+    ),
+    "model-corrupt-safetensors": Case(
+        lambda ws: run_with(ws, "model.name", _corrupt_model_weights(ws)),
+        ("corrupt-weights-model", "cannot read model.safetensors"),
     ),
     "model-unknown-builtin": Case(
         lambda ws: run_with(ws, "model.name", "builtin:gpt-5"),
