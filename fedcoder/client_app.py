@@ -115,6 +115,7 @@ def _model_key(config: RunConfig) -> tuple[ModelSettings, bool, int]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     config = RunConfig.from_flat(context.run_config)
     waited = _wait_for_loading(config)
 
@@ -159,6 +160,9 @@ def train(msg: Message, context: Context) -> Message:
         "gpu": physical_gpu(),  # which of the host's GPUs trained it (-1: CPU)
     }
     arrays = encode(adapter_state(model), config.train.transport_dtype)
+    # All of this handler, the adapter's decoding and encoding included: the round's
+    # exchange_seconds less this is what Flower spent delivering the two messages.
+    metrics["handler-seconds"] = time.perf_counter() - started
     return Message(
         content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg
     )

@@ -59,6 +59,10 @@ class _Attempt:
     aggregated: ArrayRecord | None
     metrics: Any
     dropped: list[tuple[int, str]] = field(default_factory=list)
+    # Pushing the messages until the last reply is in, and checking and averaging the
+    # replies: with the clients' own handler-seconds, where a round's time goes.
+    exchange_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
 
     def record(self, strategy: AdapterFedAvg) -> dict[str, Any]:
         answered = {reply.metadata.src_node_id for reply in self.replies}
@@ -70,6 +74,8 @@ class _Attempt:
             ],
             "no_reply": [strategy.identity(n) for n in self.sampled if n not in answered],
             "aggregated": self.aggregated is not None,
+            "exchange_seconds": self.exchange_seconds,
+            "aggregate_seconds": self.aggregate_seconds,
         }
 
 
@@ -212,7 +218,9 @@ def _attempt_round(
     key = strategy.arrayrecord_key
     timeout = config.strategy.round_timeout or None
     # Replies not in by the timeout count as missing; Flower drops them when they come.
+    pushed = time.perf_counter()
     replies = send_and_receive(grid, messages, timeout=timeout)
+    collected = time.perf_counter()
     aggregated, metrics = strategy.aggregate_train(server_round, replies)
     return _Attempt(
         sampled=[m.metadata.dst_node_id for m in messages],
@@ -224,6 +232,8 @@ def _attempt_round(
         aggregated=aggregated,
         metrics=metrics,
         dropped=list(strategy.dropped),
+        exchange_seconds=collected - pushed,
+        aggregate_seconds=time.perf_counter() - collected,
     )
 
 

@@ -138,7 +138,8 @@ def _wait_for_round(run_dir: Path, server_round: int, proc: subprocess.Popen) ->
         time.sleep(0.05)
 
 
-_VARYING = ("node_id", "worker-pid", "model-load-seconds", "train_seconds")
+_VARYING = ("node_id", "worker-pid", "model-load-seconds", "train_seconds", "handler-seconds")
+_ATTEMPT_TIMES = ("exchange_seconds", "aggregate_seconds")
 
 
 def _comparable(metrics: dict) -> list[dict]:
@@ -147,6 +148,9 @@ def _comparable(metrics: dict) -> list[dict]:
     for r in metrics["rounds"]:
         kept = {k: v for k, v in r.items() if k not in ("seconds", "clients", "dropped")}
         kept["clients"] = [{k: v for k, v in c.items() if k not in _VARYING} for c in r["clients"]]
+        kept["attempts"] = [
+            {k: v for k, v in a.items() if k not in _ATTEMPT_TIMES} for a in r["attempts"]
+        ]
         rounds.append(kept)
     return rounds
 

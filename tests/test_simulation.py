@@ -84,6 +84,18 @@ def test_every_round_is_recorded_with_the_scheduled_lr(finished_run):
         assert r["examples"] == sum(c["examples"] for c in r["clients"]) == 2 * 2 * 2
 
 
+def test_round_times_account_for_the_clients_and_the_exchange(finished_run):
+    # Where a round's time goes: the clients' handlers run inside the exchange, and the
+    # exchange and the averaging inside the round.
+    for r in finished_run["metrics"]["rounds"]:
+        (attempt,) = r["attempts"]
+        handlers = [c["handler-seconds"] for c in r["clients"]]
+        assert all(c["handler-seconds"] >= c["train_seconds"] > 0 for c in r["clients"])
+        assert attempt["exchange_seconds"] >= max(handlers)
+        assert attempt["aggregate_seconds"] > 0
+        assert attempt["exchange_seconds"] + attempt["aggregate_seconds"] <= r["seconds"]
+
+
 def test_bytes_equal_the_payload_sizes(finished_run):
     config = finished_run["config"]
     one_copy = payload_bytes(encode(initial_adapter(config.model, seed=0), "float32"))
