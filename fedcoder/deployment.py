@@ -35,6 +35,7 @@ from fedcoder.processes import (
     healthy,
     latest_run_status,
     process_tree,
+    staged_app,
     stop_processes,
     wait_until,
 )
@@ -211,22 +212,23 @@ class LocalDeployment:
         self, app_dir: Path, run_config: Sequence[str] = (), timeout_s: float | None = None
     ) -> int:
         """Run the app with `flwr run --stream` to the end; 0 if the run completed."""
-        command = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
-        for item in run_config:
-            command += ["--run-config", item]
-        print("+", shlex.join(command), flush=True)
-        client = subprocess.Popen(command, env=self.env)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        try:
-            while client.poll() is None:
-                self._watch_supernodes()
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"the run did not finish within {timeout_s:.0f} s")
-                time.sleep(0.5)
-        finally:
-            if client.poll() is None:
-                client.terminate()
-                client.wait()
+        with staged_app(app_dir) as staged:
+            command = [flower_executable("flwr"), "run", str(staged), CONNECTION, "--stream"]
+            for item in run_config:
+                command += ["--run-config", item]
+            print("+", shlex.join(command), f"  # {app_dir} staged", flush=True)
+            client = subprocess.Popen(command, env=self.env)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            try:
+                while client.poll() is None:
+                    self._watch_supernodes()
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"the run did not finish within {timeout_s:.0f} s")
+                    time.sleep(0.5)
+            finally:
+                if client.poll() is None:
+                    client.terminate()
+                    client.wait()
         status = latest_run_status(self.env, CONNECTION)
         if client.returncode == 0 and not status.endswith("completed"):
             print(f"fedcoder deploy: the run ended with status '{status}'", file=sys.stderr)

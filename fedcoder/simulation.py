@@ -24,6 +24,7 @@ from fedcoder.processes import (
     latest_run_status,
     process_tree,
     processes_with_home,
+    staged_app,
     stop_processes,
     wait_until,
 )
@@ -131,21 +132,17 @@ def run_simulation(
         f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
         f"client-resources-num-gpus={client_gpus}"
     )
-    command = [
-        flower_executable("flwr"),
-        "run",
-        str(app_dir),
-        "local",
-        "--stream",
-        "--federation-config",
-        federation,
-    ]
-    for item in run_config or []:
-        command += ["--run-config", item]
-    print("+", shlex.join(command), flush=True)
     superlink.start()
     try:
-        code = subprocess.run(command, env=superlink.env, timeout=timeout_s).returncode
+        with staged_app(app_dir) as staged:
+            command = [
+                flower_executable("flwr"), "run", str(staged), "local", "--stream",
+                "--federation-config", federation,
+            ]  # fmt: skip
+            for item in run_config or []:
+                command += ["--run-config", item]
+            print("+", shlex.join(command), f"  # {app_dir} staged", flush=True)
+            code = subprocess.run(command, env=superlink.env, timeout=timeout_s).returncode
         # `flwr run --stream` exits 0 even when the ServerApp failed: ask the
         # SuperLink (ours holds this one run only) how the run ended.
         status = superlink.run_status()

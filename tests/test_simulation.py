@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from peft import PeftModel
 from fedcoder.communication import encode, payload_bytes
 from fedcoder.config import RunConfig
 from fedcoder.model import adapter_state, initial_adapter, load_base_model
-from fedcoder.processes import processes_with_home
+from fedcoder.processes import processes_with_home, staged_app
 from fedcoder.training import cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,30 @@ def test_validation_scores_rounds_and_marks_the_best_checkpoint(finished_run):
     assert finished_run["metrics"]["best"]["round"] == best["round"]
     link = finished_run["dir"] / "peft_best"
     assert link.resolve() == (finished_run["dir"] / best["checkpoint"]).resolve()
+
+
+def test_the_staged_app_builds_the_same_fab_without_the_ignored_files(tmp_path):
+    # `fedcoder run` hands Flower a staged copy of the app without what .gitignore
+    # ignores (a .venv inside the app costs Flower seconds to walk); Flower must build
+    # the very same FAB from it.
+    from flwr.cli.build import build_fab_from_disk
+
+    app = tmp_path / "app"
+    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "results"))
+    (app / ".venv" / "lib").mkdir(parents=True)
+    (app / ".venv" / "lib" / "big.py").write_text("x = 1\n")
+    (app / "results" / "run").mkdir(parents=True)
+    (app / "results" / "run" / "metrics.json").write_text("{}")
+    (app / "fedcoder" / "__pycache__").mkdir(exist_ok=True)
+    (app / "fedcoder" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    (app / "link.py").symlink_to(app / "README.md")
+    with staged_app(app) as staged:
+        staged_files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+        fab_staged = build_fab_from_disk(staged)
+    assert fab_staged == build_fab_from_disk(app)
+    assert {"pyproject.toml", "fedcoder/client_app.py", "README.md"} <= staged_files
+    assert not any(
+        f.startswith((".venv/", "results/")) or "__pycache__" in f or f == "link.py"
+        for f in staged_files
+    )
+    assert not staged.exists()
