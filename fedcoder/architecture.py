@@ -11,7 +11,6 @@ headers, which the `safetensors` package reads without torch: a parameter
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +56,9 @@ def checkpoint_module_names(directory: Path) -> ModuleNames | None:
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         vocab_size = config["vocab_size"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # TypeError: config.json not an object
         return None
-    if not isinstance(config, dict) or "quantization_config" in config:
+    if "quantization_config" in config:
         return None  # packed 4-bit tensors have no (out, in) shape to tell linear layers by
     files = _weight_files(directory)
     if not files:
@@ -74,7 +73,9 @@ def checkpoint_module_names(directory: Path) -> ModuleNames | None:
         with tensors:
             for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 module, _, kind = name.rpartition(".")
-                leaves.update(_prefixes(module))
+                # Every module on the path has a name, as in named_modules():
+                # model.layers.0.mlp gives model, layers, 0 and mlp.
+                leaves.update(part for part in module.split(".") if part)
                 shape = tensors.get_slice(name).get_shape()
                 # A linear layer's weight is (out, in); the embeddings and the head are
                 # the 2-D weights with a row per token of the vocabulary.
@@ -94,9 +95,3 @@ def _weight_files(directory: Path) -> list[Path]:
         return files if all(f.is_file() for f in files) else []
     single = directory / SINGLE_FILE
     return [single] if single.is_file() else []
-
-
-def _prefixes(module: str) -> Iterable[str]:
-    # Every module on the path holds a name, as in named_modules(): model.layers.0.mlp
-    # gives model, layers, 0 and mlp.
-    return (part for part in module.split(".") if part)
