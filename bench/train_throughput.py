@@ -56,7 +56,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from fedcoder import training  # noqa: E402
+from fedcoder import cuda_graphs, training  # noqa: E402
 from fedcoder.config import LoraSettings, ModelSettings, TrainSettings  # noqa: E402
 from fedcoder.data import (  # noqa: E402
     IGNORE_INDEX,
@@ -281,6 +281,7 @@ class Lever:
     packing: bool = True
     optimizer: str = "adamw_8bit"  # or "paged_adamw_8bit"; "bitsandbytes": its own paged step
     dropout0: bool = False
+    cuda_graphs: bool = False
 
 
 FEDCODER_LEVERS = [
@@ -290,8 +291,9 @@ FEDCODER_LEVERS = [
     Lever("+ no GC, micro-batches of <= 4096 tokens", packing=False, optimizer="bitsandbytes"),
     Lever("+ packing", optimizer="bitsandbytes"),
     Lever("+ 8-bit AdamW step without a GPU sync per parameter", optimizer="paged_adamw_8bit"),
-    Lever("+ optimizer state in plain GPU memory (fedcoder default)"),
-    Lever("option: lora_dropout 0 (changes the update)", dropout0=True),
+    Lever("+ optimizer state in plain GPU memory"),
+    Lever("+ CUDA graphs of each micro-batch shape (fedcoder default)", cuda_graphs=True),
+    Lever("option: lora_dropout 0 (changes the update)", dropout0=True, cuda_graphs=True),
 ]  # fmt: skip
 DEFAULT_LEVER = FEDCODER_LEVERS[-2]
 _MAKE_OPTIMIZER = training.make_optimizer
@@ -305,6 +307,7 @@ def bitsandbytes_paged_adamw(params, name, lr, device):
 
 
 def apply_lever(model, exp, lever: Lever) -> TrainSettings:
+    cuda_graphs.forget(model)  # they would replay the modules of the lever before
     set_checkpointing(model, lever.checkpointing)
     set_factored_dora(model, lever.factored_dora)
     set_fused_loss(lever.fused_loss)
@@ -315,6 +318,7 @@ def apply_lever(model, exp, lever: Lever) -> TrainSettings:
         micro_batch_tokens=lever.micro_batch_tokens,
         packing=lever.packing,
         optim="paged_adamw_8bit" if bitsandbytes else lever.optimizer,
+        cuda_graphs=lever.cuda_graphs,
     )
 
 

@@ -30,6 +30,9 @@ OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_torch")
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
+# Set by `fedcoder run` for its ServerApp: a file to create once every round is done, so
+# the launcher knows the run completed without asking the SuperLink (`flwr ls`, 1-2 s).
+COMPLETED_FILE_ENV = "FEDCODER_COMPLETED_FILE"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class TrainSettings:
     # micro-batches under it, with the same update. 0: the whole batch in one pass.
     micro_batch_tokens: int = 4096
     packing: bool = True
+    # Replay each micro-batch shape's forward and backward as a CUDA graph (same math).
+    cuda_graphs: bool = True
 
     @property
     def examples_per_round(self) -> int:
@@ -187,6 +192,7 @@ class RunConfig:
                 transport_dtype=values["train.transport-dtype"],
                 micro_batch_tokens=values["train.micro-batch-tokens"],
                 packing=values["train.packing"],
+                cuda_graphs=values["train.cuda-graphs"],
             ),
             data=DataSettings(
                 name=values["static.dataset.name"],
@@ -345,6 +351,7 @@ _KEYS: dict[str, _Key] = {
     "train.transport-dtype": _Key(str, TrainSettings.transport_dtype, _one_of(TRANSPORT_DTYPES)),
     "train.micro-batch-tokens": _Key(int, TrainSettings.micro_batch_tokens, _non_negative),
     "train.packing": _Key(bool, TrainSettings.packing),
+    "train.cuda-graphs": _Key(bool, TrainSettings.cuda_graphs),
     f"{_TA}.per-device-train-batch-size": _Key(int, TrainSettings.batch_size, _positive),
     f"{_TA}.gradient-accumulation-steps": _Key(
         int, TrainSettings.gradient_accumulation_steps, _positive

@@ -338,7 +338,9 @@ def pack_rows(examples: Sequence[TokenizedExample], row_length: int) -> list[lis
     return rows
 
 
-def collate_packed(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int) -> dict:
+def collate_packed(
+    rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int, width: int = 0
+) -> dict:
     """Batch rows that each hold several examples end to end, with no attention across them.
 
     Positions restart at 0 for every example: transformers turns such position_ids into a
@@ -347,11 +349,12 @@ def collate_packed(rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int
     example is ignored, because the previous example's last token would otherwise be trained
     to predict it; unpacked, that label is never a target either. The padding after a row's
     last example forms a segment of its own with no labels, and there is no attention_mask:
-    transformers detects packing only without one.
+    transformers detects packing only without one. `width`: pad every row to this many
+    tokens (at least the longest row) instead of to the longest row.
     """
     if not rows or not all(rows):
         raise ValueError("cannot collate an empty row")
-    width = max(sum(len(example.input_ids) for example in row) for row in rows)
+    width = max(width, *(sum(len(example.input_ids) for example in row) for row in rows))
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     position_ids = torch.zeros_like(input_ids)
@@ -374,6 +377,7 @@ def micro_batches(
     max_tokens: int,
     row_length: int,
     packing: bool,
+    full_rows: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """One optimizer step's examples as micro-batches of at most `max_tokens` tokens each.
 
@@ -381,11 +385,15 @@ def micro_batches(
     larger than the budget still forms a micro-batch. With `packing`, examples share rows of
     `row_length` tokens (`collate_packed`); without it, consecutive examples are padded to
     the longest of their micro-batch (`collate`), so `max_tokens=0` gives the plain batch.
+    `full_rows` pads packed rows to `row_length`, so that micro-batches differ only in their
+    number of rows (`fedcoder.cuda_graphs`).
     """
     if packing:
         groups = [[examples[i] for i in row] for row in pack_rows(examples, row_length)]
         groups.sort(key=lambda row: -sum(len(example.input_ids) for example in row))
         length = [sum(len(example.input_ids) for example in row) for row in groups]
+        if full_rows:  # the budget counts the padding too
+            length = [max(size, row_length) for size in length]
     else:
         groups = [[example] for example in examples]
         length = [len(example.input_ids) for example in examples]
@@ -399,5 +407,6 @@ def micro_batches(
             batches.append([group])
             width = size
     if packing:
-        return [collate_packed(batch, pad_token_id) for batch in batches]
+        width = row_length if full_rows else 0
+        return [collate_packed(batch, pad_token_id, width) for batch in batches]
     return [collate([group[0] for group in batch], pad_token_id) for batch in batches]

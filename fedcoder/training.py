@@ -19,6 +19,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedcoder.config import TrainSettings
+from fedcoder.cuda_graphs import MicroBatchGraphs, graphs_for, packed_inputs
 from fedcoder.data import IGNORE_INDEX, DataStats, micro_batches, round_sample, tokenize_example
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "phi3", "qwen2", "qwen3"
 _LOGITS_BYTES_PER_CHUNK = 1 << 30
 
 
-class _HeadCrossEntropy(torch.autograd.Function):
+class HeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, a chunk of rows at a time.
 
     With a 200k vocabulary the logits of a batch dwarf everything else held for backward
@@ -69,10 +70,18 @@ class _HeadCrossEntropy(torch.autograd.Function):
     hidden states', (softmax - onehot) @ weight, so it is computed chunk by chunk in the
     forward pass and the logits are never kept. Hand-written rather than taken from Liger
     Kernel because Liger needs Triton and a GPU, and this must also run (and be tested) on CPU.
+    `weights` (0 or 1 per row, optional) leave rows out without changing the shapes, as a
+    CUDA graph needs (`fedcoder.cuda_graphs`).
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ):
         device = hidden.device.type
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
@@ -85,10 +94,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 rows = slice(start, start + chunk)
                 log_probs = F.linear(hidden[rows].to(dtype), weight).float().log_softmax(-1)
                 target = targets[rows, None]
-                total -= log_probs.gather(1, target).sum()
+                picked = log_probs.gather(1, target)
+                if weights is not None:
+                    picked = picked * weights[rows, None]
+                total -= picked.sum()
                 if grad is not None:  # d(-log p_target)/d logits = softmax - onehot
                     probs = log_probs.exp_()
                     probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
+                    if weights is not None:
+                        probs.mul_(weights[rows, None])
                     grad[rows] = (probs.to(dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
         return total
@@ -96,10 +110,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total, None, None
+        return grad * grad_total, None, None, None
 
 
-def _plain_head(model: PeftModel) -> torch.nn.Linear | None:
+def plain_head(model: PeftModel) -> torch.nn.Linear | None:
     """The frozen lm_head when logits are nothing but lm_head(hidden), else None."""
     causal_lm = model.get_base_model()
     head = causal_lm.get_output_embeddings()
@@ -119,29 +133,29 @@ def summed_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tenso
     `batch` is on the CPU, as `micro_batches` makes it: it is copied to the model's device
     without waiting for the GPU, and the labelled positions are found on the CPU, so the host
     never stalls to learn a shape and keeps queueing work. For models with a plain frozen
-    head, logits are computed only where a label is, in chunks (`_HeadCrossEntropy`): about
+    head, logits are computed only where a label is, in chunks (`HeadCrossEntropy`): about
     half of a Code Alpaca sequence is prompt, whose logits the plain path computes and throws
     away. Same value as the transformers loss times its count.
     """
     device = model.get_base_model().get_input_embeddings().weight.device
     labels = batch["labels"]
-    inputs = {key: _to_device(value, device) for key, value in batch.items() if key != "labels"}
-    head = _plain_head(model)
+    inputs = {key: to_device(value, device) for key, value in batch.items() if key != "labels"}
+    head = plain_head(model)
     if head is None:
         # num_items_in_batch=1 turns transformers' mean into the sum.
-        labels = _to_device(labels, device)
+        labels = to_device(labels, device)
         return model(**inputs, labels=labels, use_cache=False, num_items_in_batch=1).loss
     decoder = model.get_base_model().get_decoder()
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
     rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
     # Position t predicts label t + 1; index the hidden states as one (rows x width) list.
-    positions = _to_device(rows * labels.shape[1] + columns, device)
-    targets = _to_device(labels[rows, columns + 1], device)
+    positions = to_device(rows * labels.shape[1] + columns, device)
+    targets = to_device(labels[rows, columns + 1], device)
     hidden = hidden.flatten(0, 1).index_select(0, positions)
-    return _HeadCrossEntropy.apply(hidden, head.weight, targets)
+    return HeadCrossEntropy.apply(hidden, head.weight, targets)
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` on `device`; a CPU tensor goes to a GPU from pinned memory, without waiting."""
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
@@ -149,12 +163,17 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _accumulate_gradients(
-    model: PeftModel, batches: Sequence[dict[str, torch.Tensor]], device: torch.device, bf16: bool
+    model: PeftModel,
+    batches: Sequence[dict[str, torch.Tensor]],
+    device: torch.device,
+    bf16: bool,
+    graphs: MicroBatchGraphs | None = None,
 ) -> torch.Tensor | None:
     """Backpropagate one optimizer step's micro-batches; the step loss, or None if unlabelled.
 
     Each micro-batch's summed loss is divided by the labelled tokens of the whole step, so the
-    gradients add up to those of the mean loss over the step's batch.
+    gradients add up to those of the mean loss over the step's batch. With `graphs`, each
+    micro-batch (padded to full rows) replays its row count's CUDA graph.
     """
     counts = [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches]
     if not sum(counts):
@@ -163,6 +182,9 @@ def _accumulate_gradients(
     for batch, count in zip(batches, counts, strict=True):
         if not count:
             continue  # contributes no gradient
+        if graphs is not None:
+            step_loss += graphs.backward(packed_inputs(model, batch, sum(counts)))
+            continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = summed_loss(model, batch) / sum(counts)
         loss.backward()
@@ -240,6 +262,7 @@ def train_round(
     per_step = settings.batch_size * settings.gradient_accumulation_steps
 
     model.train()
+    graphs = graphs_for(model, settings)
     step_losses = []
     budget = settings.micro_batch_tokens
     for step in range(settings.max_steps):
@@ -251,9 +274,10 @@ def train_round(
                 max_tokens=budget,
                 row_length=settings.seq_length,
                 packing=settings.packing,
+                full_rows=graphs is not None,
             )
             try:
-                step_loss = _accumulate_gradients(model, batches, device, settings.bf16)
+                step_loss = _accumulate_gradients(model, batches, device, settings.bf16, graphs)
                 break
             except torch.OutOfMemoryError:
                 model.zero_grad(set_to_none=True)

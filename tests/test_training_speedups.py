@@ -110,7 +110,7 @@ def test_chunked_head_loss_matches_the_full_logits(tiny_model_dir, examples, mon
     monkeypatch.undo()
     # Chunks of ~30 tokens, so the loop runs many times.
     monkeypatch.setattr(training, "_LOGITS_BYTES_PER_CHUNK", 4 * len(tokenizer) * 30)
-    assert training._plain_head(model) is not None
+    assert training.plain_head(model) is not None
     loss, grads = loss_and_grads(model, [batch])
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     assert_close(grads, expected)
