@@ -10,7 +10,9 @@ sampling and the averaging.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -106,98 +108,125 @@ def run_federation(
         log(INFO, "resuming %s after round %d", run.path, resume_from.round)
     global_arrays = ArrayRecord(global_state)
     validator = _validator(config, base_model)
-
-    for server_round in range(first_round, total_rounds + 1):
-        started = time.perf_counter()
-        lr = cosine_lr(
-            server_round,
-            total_rounds,
-            config.train.learning_rate_max,
-            config.train.learning_rate_min,
-        )
-        attempts = []
-        for _ in range(1 + config.strategy.max_round_retries):
-            attempt = _attempt_round(grid, strategy, config, global_arrays, server_round, lr)
-            attempts.append(attempt)
-            comm.bytes_down += attempt.bytes_down
-            comm.bytes_up += attempt.bytes_up
-            if attempt.aggregated is not None:
-                break
-            log(WARNING, "round %d: too few valid replies (%s)", server_round, attempt.dropped)
-        else:
-            raise RoundFailedError(
-                f"round {server_round}: fewer than {config.strategy.min_train_replies} valid "
-                f"replies in {len(attempts)} attempts (strategy.max-round-retries); the run "
-                "can be continued later with results.resume=true"
+    # Writing a round's results (metrics, plot, state, checkpoint) overlaps the next round's
+    # training; the next write waits for it, so the saved state is never more than a round
+    # behind, and every write is atomic (a crash mid-write keeps the round before).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedcoder-persist") as writer:
+        written: Future | None = None
+        for server_round in range(first_round, total_rounds + 1):
+            entry, global_arrays = _run_round(
+                grid, strategy, config, global_arrays, server_round, comm, validator
             )
-        global_arrays = attempt.aggregated
-        dropped = {node for node, _ in attempt.dropped}
-        accepted = [
-            r
-            for r in attempt.replies
-            if not r.has_error() and r.metadata.src_node_id not in dropped
-        ]
-        clients = sorted(  # replies arrive in any order
-            (_client_entry(strategy, r) for r in accepted), key=lambda c: c["client"]
-        )
-        records = [a.record(strategy) for a in attempts]
-        bytes_down = sum(a.bytes_down for a in attempts)
-        bytes_up = sum(a.bytes_up for a in attempts)
-        entry: dict[str, Any] = {
-            "round": server_round,
-            "lr": lr,
-            "train_loss": float(attempt.metrics["train_loss"]),
-            "clients": clients,
-            "dropped": records[-1]["dropped"],
-            "attempts": records,
-            "retries": len(attempts) - 1,
-            "examples": sum(int(client["num-examples"]) for client in clients),
-            "bytes_down": bytes_down,
-            "bytes_up": bytes_up,
-            "mb_round": (bytes_down + bytes_up) / MIB,
-            "bytes_cumulative": comm.total_bytes,
-            "mb_cumulative": comm.total_mb,
-            "gb_cumulative": comm.total_gb,
-        }
-        state = global_arrays.to_torch_state_dict()
-        validate = validator is not None and (
-            server_round % config.validation.every_rounds == 0 or server_round == total_rounds
-        )
-        if validate:
-            entry["validation"] = validator.score(state)
-        if (
-            validate
-            or server_round % config.train.save_every_round == 0
-            or server_round == total_rounds
-        ):
-            entry["checkpoint"] = run.save_checkpoint(server_round, state, base_model).name
-        entry["seconds"] = time.perf_counter() - started
-        run.record_round(entry)
-        run.save_state(
-            RunState(
+            state = global_arrays.to_torch_state_dict()
+            checkpoint = (
+                "validation" in entry
+                or server_round % config.train.save_every_round == 0
+                or server_round == total_rounds
+            )
+            if checkpoint:
+                entry["checkpoint"] = run.checkpoint_dir(server_round).name
+            if written is not None:
+                written.result()  # raises what the previous round's write raised
+            saved = RunState(
                 round=server_round,
                 adapter=state,
                 rng_state=strategy.rng.getstate(),
                 bytes_down=comm.bytes_down,
                 bytes_up=comm.bytes_up,
-                rounds=run.rounds,
+                rounds=[],  # run.rounds once this round is recorded (_persist)
                 fingerprint=config.fingerprint(),
             )
-        )
-        log(
-            INFO,
-            "round %d/%d: loss %.4f, lr %.3g, %.1f s, %d retries, %.2f MB (total %.2f MB)%s",
-            server_round,
-            total_rounds,
-            entry["train_loss"],
-            lr,
-            entry["seconds"],
-            entry["retries"],
-            entry["mb_round"],
-            comm.total_mb,
-            f", validation pass@1 {entry['validation']['pass@1']:.3f}" if validate else "",
-        )
+            written = writer.submit(_persist, run, entry, saved, base_model)
+            log(
+                INFO,
+                "round %d/%d: loss %.4f, lr %.3g, %.1f s, %d retries, %.2f MB (total %.2f MB)%s",
+                server_round,
+                total_rounds,
+                entry["train_loss"],
+                entry["lr"],
+                entry["seconds"],
+                entry["retries"],
+                entry["mb_round"],
+                comm.total_mb,
+                f", validation pass@1 {entry['validation']['pass@1']:.3f}"
+                if "validation" in entry
+                else "",
+            )
+        if written is not None:
+            written.result()
     return global_arrays.to_torch_state_dict()
+
+
+def _run_round(
+    grid: Grid,
+    strategy: AdapterFedAvg,
+    config: RunConfig,
+    global_arrays: ArrayRecord,
+    server_round: int,
+    comm: CommunicationLog,
+    validator: Any,
+) -> tuple[dict[str, Any], ArrayRecord]:
+    """Train, aggregate and validate one round: its metrics entry and the new global adapter."""
+    started = time.perf_counter()
+    total_rounds = config.num_server_rounds
+    lr = cosine_lr(
+        server_round, total_rounds, config.train.learning_rate_max, config.train.learning_rate_min
+    )
+    attempts = []
+    for _ in range(1 + config.strategy.max_round_retries):
+        attempt = _attempt_round(grid, strategy, config, global_arrays, server_round, lr)
+        attempts.append(attempt)
+        comm.bytes_down += attempt.bytes_down
+        comm.bytes_up += attempt.bytes_up
+        if attempt.aggregated is not None:
+            break
+        log(WARNING, "round %d: too few valid replies (%s)", server_round, attempt.dropped)
+    else:
+        raise RoundFailedError(
+            f"round {server_round}: fewer than {config.strategy.min_train_replies} valid "
+            f"replies in {len(attempts)} attempts (strategy.max-round-retries); the run "
+            "can be continued later with results.resume=true"
+        )
+    dropped = {node for node, _ in attempt.dropped}
+    accepted = [
+        r for r in attempt.replies if not r.has_error() and r.metadata.src_node_id not in dropped
+    ]
+    clients = sorted(  # replies arrive in any order
+        (_client_entry(strategy, r) for r in accepted), key=lambda c: c["client"]
+    )
+    records = [a.record(strategy) for a in attempts]
+    bytes_down = sum(a.bytes_down for a in attempts)
+    bytes_up = sum(a.bytes_up for a in attempts)
+    entry: dict[str, Any] = {
+        "round": server_round,
+        "lr": lr,
+        "train_loss": float(attempt.metrics["train_loss"]),
+        "clients": clients,
+        "dropped": records[-1]["dropped"],
+        "attempts": records,
+        "retries": len(attempts) - 1,
+        "examples": sum(int(client["num-examples"]) for client in clients),
+        "bytes_down": bytes_down,
+        "bytes_up": bytes_up,
+        "mb_round": (bytes_down + bytes_up) / MIB,
+        "bytes_cumulative": comm.total_bytes,
+        "mb_cumulative": comm.total_mb,
+        "gb_cumulative": comm.total_gb,
+    }
+    if validator is not None and (
+        server_round % config.validation.every_rounds == 0 or server_round == total_rounds
+    ):
+        entry["validation"] = validator.score(attempt.aggregated.to_torch_state_dict())
+    entry["seconds"] = time.perf_counter() - started
+    return entry, attempt.aggregated
+
+
+def _persist(run: RunDirectory, entry: dict[str, Any], saved: RunState, base_model: str) -> None:
+    """Write a finished round: its checkpoint if due, metrics.json and plot, resumable state."""
+    if "checkpoint" in entry:
+        run.save_checkpoint(entry["round"], saved.adapter, base_model)
+    run.record_round(entry)
+    run.save_state(dataclasses.replace(saved, rounds=run.rounds))
 
 
 def _client_entry(strategy: AdapterFedAvg, reply: Message) -> dict[str, Any]:

@@ -165,9 +165,12 @@ class RunDirectory:
     def save_checkpoint(
         self, server_round: int, state: dict[str, torch.Tensor], base_model: str
     ) -> Path:
-        directory = self.path / f"peft_{server_round}"
+        directory = self.checkpoint_dir(server_round)
         save_adapter(directory, state, self.config.model.lora, base_model)
         return directory
+
+    def checkpoint_dir(self, server_round: int) -> Path:
+        return self.path / f"peft_{server_round}"
 
     def plot_loss(self) -> None:
         import matplotlib

@@ -6,10 +6,13 @@ stops the run with one clear line and leaves `results/` untouched.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcoder.config import RunConfig
+from fedcoder.config import COMPLETED_FILE_ENV, RunConfig
 from fedcoder.identities import NodeIdentities
 
 app = ServerApp()
@@ -40,3 +43,5 @@ def main(grid: Grid, context: Context) -> None:
         resume_from=saved,
         identities=identities,
     )
+    if os.environ.get(COMPLETED_FILE_ENV):
+        Path(os.environ[COMPLETED_FILE_ENV]).write_text(f"{run.path}\n")

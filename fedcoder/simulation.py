@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedcoder.config import COMPLETED_FILE_ENV
 from fedcoder.processes import (
     flower_env,
     flower_executable,
@@ -38,11 +39,14 @@ class LocalSuperLink:
     http_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    # For the processes it starts, the ServerApp among them.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
         return {
             **flower_env(self.flwr_home),
+            **self.extra_env,
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
         }
@@ -132,6 +136,9 @@ def run_simulation(
         f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
         f"client-resources-num-gpus={client_gpus}"
     )
+    completed = home / "run-completed"
+    completed.unlink(missing_ok=True)  # left by an earlier launch with this FLWR_HOME
+    superlink.extra_env[COMPLETED_FILE_ENV] = str(completed)
     superlink.start()
     try:
         with staged_app(app_dir) as staged:
@@ -143,9 +150,9 @@ def run_simulation(
                 command += ["--run-config", item]
             print("+", shlex.join(command), f"  # {app_dir} staged", flush=True)
             code = subprocess.run(command, env=superlink.env, timeout=timeout_s).returncode
-        # `flwr run --stream` exits 0 even when the ServerApp failed: ask the
-        # SuperLink (ours holds this one run only) how the run ended.
-        status = superlink.run_status()
+        # `flwr run --stream` exits 0 even when the ServerApp failed: unless the ServerApp
+        # said it finished every round, ask the SuperLink how the run ended.
+        status = "finished:completed" if completed.exists() else superlink.run_status()
     finally:
         superlink.stop()
     if code == 0 and not status.endswith("completed"):

@@ -18,6 +18,7 @@ from fedcoder.communication import encode, payload_bytes
 from fedcoder.config import RunConfig
 from fedcoder.model import adapter_state, initial_adapter, load_base_model
 from fedcoder.processes import processes_with_home, staged_app
+from fedcoder.simulation import run_simulation
 from fedcoder.training import cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +64,15 @@ def finished_run(tiny_model_dir, tmp_path_factory):
         "dir": run_dir,
         "config": RunConfig.from_flat(overrides),
         "leftovers": leftovers,
+        "flwr_home": work / "flwr-home",
         "metrics": json.loads((run_dir / "metrics.json").read_text()),
     }
+
+
+def test_the_server_app_tells_the_launcher_it_completed(finished_run):
+    # So the launcher need not ask the SuperLink how the run ended (`flwr ls`).
+    completed = finished_run["flwr_home"] / "run-completed"
+    assert Path(completed.read_text().strip()) == finished_run["dir"]
 
 
 def test_no_process_is_left_behind(finished_run):
@@ -176,3 +184,18 @@ def test_the_staged_app_builds_the_same_fab_without_the_ignored_files(tmp_path):
         for f in staged_files
     )
     assert not staged.exists()
+
+
+def test_a_server_app_that_fails_fails_the_launch(tmp_path, capfd):
+    # `flwr run --stream` exits 0 whatever happened; the launcher takes a run as completed
+    # only when the ServerApp said so (the file it creates at the end), else asks Flower.
+    app = tmp_path / "app"
+    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".*", "results", "docs", "tests"))
+    server = app / "fedcoder" / "server_app.py"
+    first_line = "    config = RunConfig.from_flat(context.run_config)\n"
+    assert first_line in server.read_text()
+    server.write_text(server.read_text().replace(first_line, "    raise RuntimeError('x')\n"))
+    code = run_simulation(app, num_supernodes=2, client_gpus=0, flwr_home=tmp_path / "home")
+    assert code == 1
+    assert "the run ended with status 'finished:failed'" in capfd.readouterr().err
+    assert not (tmp_path / "home" / "run-completed").exists()
