@@ -99,6 +99,12 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if cuda() else 0.0
 
 
+def reserved_gib() -> float:
+    # What the process holds, CUDA graph pools included: replays allocate nothing, so after
+    # the round that captured them the peak of allocations no longer shows their memory.
+    return torch.cuda.memory_reserved() / 2**30 if cuda() else 0.0
+
+
 def free_memory() -> None:
     gc.collect()
     if cuda():
@@ -396,6 +402,7 @@ def run_fedcoder(exp, model, tokenizer, state, settings, load_seconds) -> dict:
                     "tokens": report.tokens,
                     "tokens_per_s": report.tokens / seconds,
                     "peak_gib": peak,
+                    "reserved_gib": reserved_gib(),
                     "train_loss": report.train_loss,
                     "step_losses": report.step_losses,
                 }

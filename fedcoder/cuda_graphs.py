@@ -50,7 +50,7 @@ def unsupported(model: PeftModel, train: TrainSettings) -> str:
     config = causal_lm.config
     window = getattr(config, "sliding_window", None)
     device = next(p for p in model.parameters() if p.requires_grad).device
-    layers = causal_lm.get_decoder().layers
+    layers = causal_lm.get_decoder().layers  # gradient checkpointing is set on each layer
     checks = [
         (not train.cuda_graphs, "train.cuda-graphs is off"),
         (device.type != "cuda", f"the model is on {device.type}"),
@@ -58,7 +58,10 @@ def unsupported(model: PeftModel, train: TrainSettings) -> str:
         (config.model_type not in GRAPH_MODEL_TYPES, f"model type {config.model_type}"),
         (window is not None and window < train.seq_length, "a sliding attention window"),
         (config._attn_implementation != "sdpa", f"attention {config._attn_implementation}"),
-        (any(layer.gradient_checkpointing for layer in layers), "gradient checkpointing is on"),
+        (
+            any(getattr(layer, "gradient_checkpointing", False) for layer in layers),
+            "gradient checkpointing is on",
+        ),
         (any(layer._compiled_call_impl for layer in layers), "model.compile is on"),
         (plain_head(model) is None, "the loss is not the plain head's"),
     ]
