@@ -151,7 +151,9 @@ class MicroBatchGraphs:
     """
 
     def __init__(self, model: PeftModel, bf16: bool) -> None:
-        self.model = model
+        # Weak: `_graphs` is keyed by the model, so a strong reference would keep a replaced
+        # resident model (and these graphs' GPU memory) alive.
+        self._model = weakref.ref(model)
         self.bf16 = bf16
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.graphs: dict[int, _Graph] = {}
@@ -188,7 +190,7 @@ class MicroBatchGraphs:
     def _eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self._release()  # the backward may add into a lent .grad
         with self._autocast():
-            loss = packed_loss(self.model, inputs)
+            loss = packed_loss(self._model(), inputs)
         loss.backward()
         return loss.detach()
 
@@ -202,7 +204,7 @@ class MicroBatchGraphs:
         try:
             with torch.cuda.graph(graph, pool=self._pool):
                 with self._autocast():
-                    loss = packed_loss(self.model, static)
+                    loss = packed_loss(self._model(), static)
                 loss.backward()
             grads = [p.grad for p in self.params]
             if any(grad is None for grad in grads):
