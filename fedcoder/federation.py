@@ -114,10 +114,9 @@ def run_federation(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedcoder-persist") as writer:
         written: Future | None = None
         for server_round in range(first_round, total_rounds + 1):
-            entry, global_arrays = _run_round(
+            entry, global_arrays, state = _run_round(
                 grid, strategy, config, global_arrays, server_round, comm, validator
             )
-            state = global_arrays.to_torch_state_dict()
             checkpoint = (
                 "validation" in entry
                 or server_round % config.train.save_every_round == 0
@@ -165,8 +164,11 @@ def _run_round(
     server_round: int,
     comm: CommunicationLog,
     validator: Any,
-) -> tuple[dict[str, Any], ArrayRecord]:
-    """Train, aggregate and validate one round: its metrics entry and the new global adapter."""
+) -> tuple[dict[str, Any], ArrayRecord, dict[str, torch.Tensor]]:
+    """Train, aggregate and validate one round.
+
+    Returns its metrics entry and the new global adapter, as sent and as tensors.
+    """
     started = time.perf_counter()
     total_rounds = config.num_server_rounds
     lr = cosine_lr(
@@ -213,12 +215,13 @@ def _run_round(
         "mb_cumulative": comm.total_mb,
         "gb_cumulative": comm.total_gb,
     }
+    state = attempt.aggregated.to_torch_state_dict()
     if validator is not None and (
         server_round % config.validation.every_rounds == 0 or server_round == total_rounds
     ):
-        entry["validation"] = validator.score(attempt.aggregated.to_torch_state_dict())
+        entry["validation"] = validator.score(state)
     entry["seconds"] = time.perf_counter() - started
-    return entry, attempt.aggregated
+    return entry, attempt.aggregated, state
 
 
 def _persist(run: RunDirectory, entry: dict[str, Any], saved: RunState, base_model: str) -> None:
