@@ -10,6 +10,9 @@ Times, each in its own `python3 -c` so nothing is already imported:
   import torch, import transformers+peft, import bitsandbytes, CUDA init
                   what every Ray worker imports (and the ServerApp, less bitsandbytes)
                   before it loads the model, one after the other as the worker does
+  load (--load)   a worker's resident model, phase by phase: the 4-bit load, the kbit
+                  preparation, PEFT's DoRA wrap, fedcoder's DoRA norms (the run config's
+                  model settings)
 
 Prints one JSON object (and writes DIR/startup_probe.json with --out).
 """
@@ -45,6 +48,30 @@ print(json.dumps({n: round(b - a, 2) for n, a, b in zip(names, t, t[1:])}))
 """
 
 
+LOAD = """
+import json, time
+t = [time.perf_counter()]
+import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
+from pathlib import Path
+from fedcoder.dora import use_factored_norm
+from fedcoder.model import load_base_model, lora_config
+from fedcoder.preflight import preflight
+settings = preflight(Path("."), run_config=[{overrides!r}]).config.model
+t.append(time.perf_counter())
+base, _ = load_base_model(settings.name, quantization=settings.quantization)
+torch.cuda.synchronize(); t.append(time.perf_counter())
+base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+torch.cuda.synchronize(); t.append(time.perf_counter())
+model = get_peft_model(base, lora_config(settings.lora))
+torch.cuda.synchronize(); t.append(time.perf_counter())
+use_factored_norm(model)
+torch.cuda.synchronize(); t.append(time.perf_counter())
+names = ["imports", "4-bit load", "kbit preparation", "PEFT DoRA wrap", "factored DoRA norms"]
+print(json.dumps({{n: round(b - a, 2) for n, a, b in zip(names, t, t[1:])}}))
+"""
+
+
 def timed(code: str) -> tuple[float, str]:
     started = time.perf_counter()
     result = subprocess.run(
@@ -61,6 +88,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a local training .jsonl")
     parser.add_argument("--out", type=Path, help="also write DIR/startup_probe.json")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each probe (2)")
+    parser.add_argument("--load", action="store_true", help="also time a worker's model load")
     args = parser.parse_args()
     overrides = f"model.name='{args.model}' static.dataset.name='{args.data}'"
     probes = {
@@ -77,6 +105,9 @@ def main() -> None:
     for name, code in probes.items():
         report[name] = [round(timed(code)[0], 2) for _ in range(args.repeats)]
     report["ml-stack"] = [json.loads(timed(IMPORTS)[1]) for _ in range(args.repeats)]
+    if args.load:
+        code = LOAD.format(overrides=overrides)
+        report["load"] = [json.loads(timed(code)[1]) for _ in range(args.repeats)]
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

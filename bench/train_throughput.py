@@ -15,7 +15,8 @@ Parts (--parts), run in this order:
              tokenizer loaded afresh for every client-round, the whole partition tokenized,
              a transformers Trainer with gradient checkpointing and batches padded to their
              longest example (trl 0.8.1's SFTTrainer adds nothing else to the Trainer)
-  profile    torch.profiler over three steps of fedcoder's path: where a step's time goes
+  profile    torch.profiler over three steps of fedcoder's path, with and without CUDA graphs:
+             GPU time by kernel family, and how busy the GPU is
   compile    fedcoder's path with torch.compile on every decoder layer (last: may not finish)
 
 Writes OUT/throughput.json and OUT/steps.csv and prints a table. "Tokens" are input tokens
@@ -416,28 +417,69 @@ def run_fedcoder(exp, model, tokenizer, state, settings, load_seconds) -> dict:
     return {"load_seconds": load_seconds, "rounds": rounds, "total_seconds": total}
 
 
+# Kernel families, by the first pattern a kernel's name contains (lower case).
+KERNEL_FAMILIES = (
+    ("matmul", ("gemm", "cutlass", "sm90_", "sm100_", "cublas", "nvjet", "xmma")),
+    ("4-bit dequantize", ("dequantize", "kdequant")),
+    ("attention", ("fmha", "attention", "flash", "efficient")),
+    ("softmax / log-softmax", ("softmax",)),
+    ("8-bit optimizer", ("koptimizer", "optimizer")),
+    ("dropout", ("fused_dropout", "bernoulli")),
+    ("reduction", ("reduce",)),
+    ("copy / cast", ("copy", "cat", "gather", "scatter", "index")),
+    ("elementwise", ("elementwise", "vectorized")),
+)
+
+
+def kernel_family(name: str) -> str:
+    lower = name.lower()
+    return next((f for f, keys in KERNEL_FAMILIES if any(k in lower for k in keys)), "other")
+
+
 def run_profile(exp, model, tokenizer, state, settings, out: Path) -> dict:
-    """Kernel and operator times of three steps, after one warm-up round."""
+    """Kernel times of three steps, replayed from CUDA graphs and eager, after a warm-up round.
+
+    The GPU time by kernel family says what a step's work is; against the wall time it says
+    how much of the step the GPU idles (host-bound) with and without the graphs.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     partition = exp.schedule[0][0]
-    fedcoder_client_round(exp, model, tokenizer, settings, state, 1, partition)
-    short = dataclasses.replace(settings, max_steps=3)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else [])
-    with profile(activities=activities) as prof:
-        report, seconds, _ = fedcoder_client_round(
-            exp, model, tokenizer, short, state, 1, partition
+    results = {}
+    for name, graphs in (("graphs", True), ("eager", False)):
+        variant = dataclasses.replace(settings, cuda_graphs=graphs)
+        fedcoder_client_round(exp, model, tokenizer, variant, state, 1, partition)  # warm-up
+        short = dataclasses.replace(variant, max_steps=3)
+        with profile(activities=activities) as prof:
+            report, seconds, _ = fedcoder_client_round(
+                exp, model, tokenizer, short, state, 1, partition
+            )
+        events = prof.key_averages()
+        sort = "self_cuda_time_total" if cuda() else "self_cpu_time_total"
+        table = events.table(sort_by=sort, row_limit=60, max_name_column_width=90)
+        (out / f"profile-{name}.txt").write_text(table)
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        families: dict[str, float] = {}
+        for event in kernels:
+            family = kernel_family(event.key)
+            families[family] = families.get(family, 0.0) + event.self_device_time_total / 1e6
+        busy = sum(families.values())
+        launches = sum(
+            e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))
         )
-    events = prof.key_averages()
-    sort = "self_cuda_time_total" if cuda() else "self_cpu_time_total"
-    table = events.table(sort_by=sort, row_limit=40, max_name_column_width=70)
-    (out / "profile.txt").write_text(table)
-    device_us = sum(e.self_device_time_total for e in events) if cuda() else 0.0
-    launches = sum(
-        e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))
-    )
-    return {"seconds": seconds, "steps": short.max_steps, "kernel_seconds": device_us / 1e6,
-            "kernel_launches": launches}  # fmt: skip
+        results[name] = {
+            "seconds": seconds,
+            "steps": short.max_steps,
+            "tokens": report.tokens,
+            "kernel_seconds": busy,
+            "gpu_busy_fraction": busy / seconds if seconds else 0.0,
+            "kernel_launches": launches,
+            "kernels": sum(e.count for e in kernels),
+            "by_family_seconds": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+        }
+        print(f"profile {name}: {json.dumps(results[name])}", flush=True)
+    return results
 
 
 # --- the FlowerTune client recipe -------------------------------------------------------------

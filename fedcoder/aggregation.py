@@ -76,6 +76,9 @@ class AdapterFedAvg(FedAvg):
         self.identities = identities or NodeIdentities()
         self._expected: dict[str, tuple[int, ...]] = {}
         self.dropped: list[tuple[int, str]] = []
+        # The last adapter aggregate_train returned, as the float32 tensors it packed:
+        # the round loop saves and validates these instead of unpacking the record again.
+        self.aggregated_state: dict[str, torch.Tensor] = {}
 
     def identity(self, node_id: int) -> str:
         """What a node trains on (e.g. "partition 3/10"), or its id if it never said."""
@@ -104,13 +107,14 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global adapter (in the transport dtype) to this round's clients."""
-        global_state = arrays.to_torch_state_dict()
-        self._expected = {key: tuple(value.shape) for key, value in global_state.items()}
+        self._expected = {key: tuple(array.shape) for key, array in arrays.items()}
         config["server-round"] = server_round
-        record = {
-            self.arrayrecord_key: encode(global_state, self.transport_dtype),
-            self.configrecord_key: config,
-        }
+        wire = wire_dtype(self.transport_dtype)
+        if any(array.dtype != wire for array in arrays.values()):
+            # The global adapter is float32 (aggregate_train's): re-encoded only for a
+            # 16-bit transport, since a float32 one would rebuild the same bytes.
+            arrays = encode(arrays.to_torch_state_dict(), self.transport_dtype)
+        record = {self.arrayrecord_key: arrays, self.configrecord_key: config}
         return self._construct_messages(RecordDict(record), self.sample(grid), MessageType.TRAIN)
 
     def aggregate_train(
@@ -143,6 +147,7 @@ class AdapterFedAvg(FedAvg):
                 for key in self._expected
             }
         metrics = self.train_metrics_aggr_fn([_as_content(m) for _, m in accepted], WEIGHT_KEY)
+        self.aggregated_state = combined
         return ArrayRecord(combined), metrics
 
     def _unpack(self, reply: Message) -> tuple[dict[str, torch.Tensor], MetricRecord, str | None]:

@@ -215,7 +215,7 @@ def _run_round(
         "mb_cumulative": comm.total_mb,
         "gb_cumulative": comm.total_gb,
     }
-    state = attempt.aggregated.to_torch_state_dict()
+    state = strategy.aggregated_state
     if validator is not None and (
         server_round % config.validation.every_rounds == 0 or server_round == total_rounds
     ):

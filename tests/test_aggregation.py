@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedcoder.aggregation import AdapterFedAvg
-from fedcoder.communication import encode
+from fedcoder.communication import decode, encode, wire_dtype
 from fedcoder.identities import IDENTITY_KEY
 
 GLOBAL = {"m.lora_A.weight": torch.zeros(2, 3), "m.lora_magnitude_vector": torch.ones(3)}
@@ -157,3 +157,27 @@ def test_median_of_an_even_count_is_the_middle_mean():
 
 def test_array_record_input_is_unchanged():
     assert isinstance(encode(GLOBAL), ArrayRecord)
+
+
+@pytest.mark.parametrize("transport", ["float32", "bfloat16"])
+def test_clients_get_the_global_adapter_in_the_transport_dtype(transport):
+    torch.manual_seed(0)
+    global_state = {k: torch.randn(v.shape) for k, v in GLOBAL.items()}
+    s = strategy(transport)
+    messages = list(s.configure_train(3, ArrayRecord(global_state), ConfigRecord(), FakeGrid(0)))
+    assert len(messages) == 2
+    expected = {k: v.to(getattr(torch, transport)).float() for k, v in global_state.items()}
+    for message in messages:
+        sent = message.content["arrays"]
+        assert {a.dtype for a in sent.values()} == {wire_dtype(transport)}
+        received = decode(sent, transport)
+        assert all(torch.equal(received[k], expected[k]) for k in expected)
+        assert message.content["config"]["server-round"] == 3
+
+
+def test_the_kept_aggregate_is_the_adapter_sent_next():
+    s = strategy()
+    arrays, _ = s.aggregate_train(1, [reply(filled(1.0), 30), reply(filled(4.0), 10)])
+    sent = arrays.to_torch_state_dict()
+    assert s.aggregated_state.keys() == sent.keys()
+    assert all(torch.equal(s.aggregated_state[k], sent[k]) for k in sent)
