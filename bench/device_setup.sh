@@ -31,8 +31,9 @@ for archive in .whl-slim/*.tar.xz; do
 done
 # The image's own packages (torch, transformers, PEFT) come without byte-code, and the
 # image sets PYTHONDONTWRITEBYTECODE, so every process compiled torch's Python again on
-# import: about 16 s for torch, transformers and PEFT, against ~4 s with byte-code. pip
-# install compiles them, so this is what a user's environment has. Once per machine.
+# import: a worker's imports took 16.5 s, against 7.4-8.0 s with byte-code (H200 machine,
+# docs/performance.md, ninth session). pip install compiles them, so this is what a
+# user's environment has. Once per machine.
 if [ ! -f /tmp/site/.compiled-image ]; then
   image=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   python3 -m compileall -q -j 0 "$image" >/dev/null 2>&1
