@@ -3,21 +3,17 @@
 `flwr run` on a `:local:` connection starts a detached SuperLink that
 outlives the run, and by default builds a fresh environment per run (pulling a
 multi-GB CUDA torch). This launcher starts that SuperLink itself, with runtime
-dependency installation off and a private FLWR_HOME, and the Ray cluster the
-Simulation Engine runs on, streams the run, and then stops exactly the processes
-it started (by PID, `fedcoder.processes`).
+dependency installation off and a private FLWR_HOME, streams the run, and then
+stops exactly the processes it started (by PID, `fedcoder.processes`).
 """
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,78 +97,18 @@ class LocalSuperLink:
         return latest_run_status(self.env, "local")
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Stop the SuperLink and every process it started, by PID."""
-        _stop_launched(self.flwr_home, [self.process], grace_s)
+        """Stop the SuperLink and every process it started, by PID.
 
-
-@dataclass
-class LocalRay:
-    """A one-machine Ray cluster for the Simulation Engine, started with the SuperLink.
-
-    Left to Flower, the simulation process starts Ray itself (`ray.init()`) once `flwr run`
-    has submitted the app and it is installed: 6 s on a 16-core GPU machine, all of it
-    before any client can start. Started here, Ray comes up while the SuperLink starts and
-    the app is submitted, and Flower's `ray.init()` connects to it through RAY_ADDRESS,
-    waiting if it is still starting. With `--block`, `ray start` runs as long as Ray does,
-    so its exit means Ray is gone; `check` reports that, where `ray.init` would keep
-    retrying for minutes.
-    """
-
-    env: dict[str, str]
-    # Ray's sessions, sockets and logs. A private one, because `ray start` records its
-    # cluster's address in the temp dir, and in the shared /tmp/ray every later plain
-    # `ray.init()` on the machine would try to join this cluster after it is gone.
-    temp_dir: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.temp_dir / "ray-start.log"
-
-    def start(self) -> None:
-        command = [
-            # Ray's command line by module: this interpreter's Ray, console script or not.
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-            "--temp-dir", str(self.temp_dir), "--port", str(self.port),
-            # Ray's client server would take its fixed default port, 10001, so two runs
-            # on one machine would collide; the simulation does not use it.
-            "--ray-client-server-port", str(free_port()),
-            "--include-dashboard=false", "--disable-usage-stats",
-        ]  # fmt: skip
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-
-    def check(self) -> None:
-        """Raise if Ray has stopped (or never came up)."""
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(
-                f"Ray exited with code {self.process.returncode} during the run; see {self.log}"
-            )
-
-
-def _stop_launched(
-    flwr_home: Path, launched: list[subprocess.Popen | None], grace_s: float
-) -> None:
-    """Stop the processes this launcher started and every process they started, by PID.
-
-    Flower and Ray detach their children (superexec, the simulation, Ray's daemons and
-    workers) into their own sessions, so a process group does not reach them: take each
-    launched process's descendant tree first, add whatever carries this run's FLWR_HOME
-    (re-parented ones), then terminate all of it.
-    """
-    started = [process for process in launched if process is not None]
-    tree = [proc for process in started for proc in process_tree(process.pid)]
-    tree += [p for p in processes_with_home(flwr_home) if p not in tree]
-    stop_processes(tree, grace_s)
-    for process in started:
-        process.wait()
+        Flower detaches its children (superexec, the simulation, Ray) into
+        their own sessions, so a process group does not reach them: take the
+        SuperLink's descendant tree first, then terminate all of it.
+        """
+        if self.process is None:
+            return
+        tree = process_tree(self.process.pid)
+        tree += [p for p in processes_with_home(self.flwr_home) if p not in tree]
+        stop_processes(tree, grace_s)
+        self.process.wait()
 
 
 # Flower uploads a run's log every 0.2 s and `flwr run --stream` asks for it every 0.5 s
@@ -181,11 +117,7 @@ LOG_FLUSH_S = 1.0
 
 
 def _stream_until_done(
-    command: list[str],
-    env: dict[str, str],
-    completed: Path,
-    timeout_s: float | None,
-    check: Callable[[], None] | None = None,
+    command: list[str], env: dict[str, str], completed: Path, timeout_s: float | None
 ) -> int:
     """Run `flwr run --stream` until it exits or the ServerApp says it finished; its exit code.
 
@@ -193,7 +125,6 @@ def _stream_until_done(
     finished before `flwr run` returns: about 4 s with nothing left to show or save, since
     the ServerApp creates `completed` after the run's last result is written. Then the
     stream gets LOG_FLUSH_S to print the last lines, and the caller stops every process.
-    `check`, called while the run goes on, raises if something it needs has failed.
     """
     client = subprocess.Popen(command, env=env)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -206,8 +137,6 @@ def _stream_until_done(
                     return 0
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the run did not finish within {timeout_s:.0f} s")
-            if check is not None:
-                check()
             time.sleep(0.1)
         return client.returncode
     finally:
@@ -251,16 +180,8 @@ def run_simulation(
     completed = home / "run-completed"
     completed.unlink(missing_ok=True)  # left by an earlier launch with this FLWR_HOME
     superlink.extra_env[COMPLETED_FILE_ENV] = str(completed)
-    # With RAY_ADDRESS set, the user has a Ray cluster for the simulation: Flower joins it.
-    local_ray = None
-    if not os.environ.get("RAY_ADDRESS"):
-        # Short, under /tmp: Ray's socket paths must fit in 107 characters.
-        local_ray = LocalRay(superlink.env, Path(tempfile.mkdtemp(prefix="fedcoder-ray-")))
+    superlink.start()
     try:
-        if local_ray is not None:
-            local_ray.start()
-            superlink.extra_env["RAY_ADDRESS"] = local_ray.address
-        superlink.start()
         with staged_app(app_dir) as staged:
             command = [
                 flower_executable("flwr"), "run", str(staged), "local", "--stream",
@@ -269,21 +190,14 @@ def run_simulation(
             for item in run_config or []:
                 command += ["--run-config", item]
             print("+", shlex.join(command), f"  # {app_dir} staged", flush=True)
-            check = local_ray.check if local_ray else None
-            code = _stream_until_done(command, superlink.env, completed, timeout_s, check)
+            code = _stream_until_done(command, superlink.env, completed, timeout_s)
         # `flwr run --stream` exits 0 even when the ServerApp failed: unless the ServerApp
         # said it finished every round, ask the SuperLink how the run ended.
         status = "finished:completed" if completed.exists() else superlink.run_status()
     finally:
         # A completed run has written everything: nothing of Flower's or Ray's own
         # shutdown is worth waiting for (Ray's processes take seconds to end on SIGTERM).
-        _stop_launched(
-            home,
-            [superlink.process, local_ray.process if local_ray else None],
-            grace_s=0.0 if completed.exists() else 10.0,
-        )
-        if local_ray is not None and completed.exists():  # else its logs may tell why
-            shutil.rmtree(local_ray.temp_dir, ignore_errors=True)
+        superlink.stop(grace_s=0.0 if completed.exists() else 10.0)
     if code == 0 and not status.endswith("completed"):
         print(
             f"fedcoder run: the run ended with status '{status}' (see the log above)",

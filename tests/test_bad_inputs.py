@@ -433,16 +433,15 @@ def _tree(root: Path) -> dict[str, bytes | None]:
 
 @pytest.fixture
 def guarded(monkeypatch):
-    """Fail the test if `fedcoder run` gets as far as starting Ray or a SuperLink; stay offline."""
+    """Fail the test if `fedcoder run` gets as far as starting a SuperLink; stay offline."""
     from transformers.utils import logging as transformers_logging
 
-    from fedcoder.simulation import LocalRay, LocalSuperLink
+    from fedcoder.simulation import LocalSuperLink
 
     def start(self, *args, **kwargs):
-        pytest.fail(f"{type(self).__name__} was started: the preflight let a bad input through")
+        pytest.fail("a SuperLink was started: the preflight let a bad input through")
 
     monkeypatch.setattr(LocalSuperLink, "start", start)
-    monkeypatch.setattr(LocalRay, "start", start)
     # Any Hub lookup fails at once rather than after network timeouts.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import psutil
@@ -18,8 +17,8 @@ from peft import PeftModel
 from fedcoder.communication import encode, payload_bytes
 from fedcoder.config import RunConfig
 from fedcoder.model import adapter_state, initial_adapter, load_base_model
-from fedcoder.processes import flower_env, processes_with_home, staged_app
-from fedcoder.simulation import LocalRay, _stop_launched, run_simulation
+from fedcoder.processes import processes_with_home, staged_app
+from fedcoder.simulation import run_simulation
 from fedcoder.training import cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,16 +26,6 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 ROUNDS = 3
 
 pytestmark = pytest.mark.slow
-# What a plain `ray.init()` on this machine joins: the cluster of the last `ray start`.
-SHARED_RAY_ADDRESS = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-
-
-def _ray_temp_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("fedcoder-ray-*"))
-
-
-def _shared_ray_address() -> str | None:
-    return SHARED_RAY_ADDRESS.read_text() if SHARED_RAY_ADDRESS.exists() else None
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +50,6 @@ def finished_run(tiny_model_dir, tmp_path_factory):
             "validation.data-dir": str(SHARED_DATA),
         }
     config_file = write_run_config(work / "run.toml", overrides)
-    ray_before = _ray_temp_dirs(), _shared_ray_address()
     result = subprocess.run(
         [sys.executable, "-m", "fedcoder.cli", "run", "--app", str(ROOT),
          "--config", str(config_file), "--flwr-home", str(work / "flwr-home")],
@@ -70,15 +58,12 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     )  # fmt: skip
     # Everything the run started inherits its private FLWR_HOME.
     leftovers = {p.pid for p in processes_with_home(work / "flwr-home")}
-    ray_after = _ray_temp_dirs(), _shared_ray_address()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = work / "results" / "e2e"
     return {
         "dir": run_dir,
         "config": RunConfig.from_flat(overrides),
         "leftovers": leftovers,
-        "ray_before": ray_before,
-        "ray_after": ray_after,
         "flwr_home": work / "flwr-home",
         "metrics": json.loads((run_dir / "metrics.json").read_text()),
     }
@@ -93,56 +78,6 @@ def test_the_server_app_tells_the_launcher_it_completed(finished_run):
 def test_no_process_is_left_behind(finished_run):
     alive = [pid for pid in finished_run["leftovers"] if psutil.pid_exists(pid)]
     assert alive == []
-
-
-def test_the_run_leaves_nothing_of_its_ray_cluster(finished_run):
-    # The launcher's own Ray ran from a private temp dir, removed after the completed run,
-    # and the machine's shared Ray address (what a plain `ray.init()` joins) is untouched.
-    (dirs_before, address_before), (dirs_after, address_after) = (
-        finished_run["ray_before"],
-        finished_run["ray_after"],
-    )
-    assert dirs_after <= dirs_before
-    assert address_after == address_before
-
-
-def test_a_run_joins_the_ray_cluster_in_ray_address_and_leaves_it_running(tiny_model_dir, tmp_path):
-    home = tmp_path / "cluster-home"  # the cluster's processes carry it: found to stop them
-    cluster = LocalRay(flower_env(home), Path(tempfile.mkdtemp(prefix="fedcoder-ray-")))
-    cluster.start()
-    try:
-        data = tmp_path / "data.jsonl"
-        data.write_text("".join(
-            json.dumps({"instruction": f"Add {i}.", "input": "", "output": f"x + {i}"}) + "\n"
-            for i in range(40)
-        ))  # fmt: skip
-        overrides = tiny_run_overrides(
-            tiny_model_dir, data, tmp_path / "results",
-            **{"num-server-rounds": 1, "results.run-name": "joined"},
-        )  # fmt: skip
-        dirs_before = _ray_temp_dirs()
-        result = subprocess.run(
-            [sys.executable, "-m", "fedcoder.cli", "run", "--app", str(ROOT), "--num-supernodes",
-             "2", "--config", str(write_run_config(tmp_path / "run.toml", overrides))],
-            capture_output=True, text=True, timeout=600, cwd=tmp_path,
-            env={**os.environ, "RAY_ADDRESS": cluster.address},
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert (tmp_path / "results" / "joined" / "peft_1").is_dir()
-        # Flower's simulation was a driver of this cluster; the launcher started no Ray.
-        drivers = list((cluster.temp_dir / "session_latest" / "logs").glob("python-core-driver-*"))
-        assert drivers
-        assert _ray_temp_dirs() <= dirs_before
-        cluster.check()  # still up: the launcher stops only what it started
-
-        cluster.process.kill()
-        cluster.process.wait()
-        with pytest.raises(RuntimeError, match=r"Ray exited with code -9 .*ray-start\.log"):
-            cluster.check()
-    finally:
-        _stop_launched(home, [cluster.process], grace_s=10.0)
-        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
-    assert processes_with_home(home) == []
 
 
 def test_every_round_is_recorded_with_the_scheduled_lr(finished_run):
