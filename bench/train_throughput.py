@@ -157,10 +157,12 @@ class Experiment:
         )
 
 
-def make_experiment(args) -> Experiment:
+def make_experiment(
+    model_path: Path | str, data: Path | str, *, rounds: int, steps: int, batch_size: int
+) -> Experiment:
     quantized = cuda()
     model = ModelSettings(
-        name=str(args.model),
+        name=str(model_path),
         quantization=4 if quantized else 0,
         gradient_checkpointing=True,
         attn_implementation="sdpa",
@@ -168,8 +170,8 @@ def make_experiment(args) -> Experiment:
     )
     train = TrainSettings(
         seq_length=512,
-        batch_size=args.batch_size,
-        max_steps=args.steps,
+        batch_size=batch_size,
+        max_steps=steps,
         optim="paged_adamw_8bit" if quantized else "adamw_torch",
         bf16=quantized,
         learning_rate_max=5e-5,
@@ -178,14 +180,12 @@ def make_experiment(args) -> Experiment:
         seed=42,
     )
     partitions = [
-        load_partition(str(args.data), pid, NUM_CLIENTS, seed=train.seed).to_list()
+        load_partition(str(data), pid, NUM_CLIENTS, seed=train.seed).to_list()
         for pid in range(NUM_CLIENTS)
     ]
     rng = random.Random(train.seed)
-    schedule = [
-        sorted(rng.sample(range(NUM_CLIENTS), CLIENTS_PER_ROUND)) for _ in range(args.rounds)
-    ]
-    return Experiment(str(args.model), model, train, partitions, args.rounds, schedule)
+    schedule = [sorted(rng.sample(range(NUM_CLIENTS), CLIENTS_PER_ROUND)) for _ in range(rounds)]
+    return Experiment(str(model_path), model, train, partitions, rounds, schedule)
 
 
 def fedavg(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -809,7 +809,9 @@ def main() -> None:
     config = tiny_config() if args.tiny else phi4mini.phi4mini_config()
     results: dict = {"environment": environment(), "command": sys.argv}
     results["create_model_seconds"] = phi4mini.ensure_model(args.model, args.tokenizer, config)
-    exp = make_experiment(args)
+    exp = make_experiment(
+        args.model, args.data, rounds=args.rounds, steps=args.steps, batch_size=args.batch_size
+    )
     results["schedule"] = exp.schedule
 
     def save():

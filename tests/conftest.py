@@ -47,6 +47,16 @@ def tiny_run_overrides(model_dir: Path, data: Path, results_dir: Path, **extra) 
     }
 
 
+def write_addition_data(path: Path, rows: int) -> Path:
+    """A Code Alpaca-format .jsonl of `rows` one-line Python functions, for Flower runs."""
+    path.write_text("".join(
+        json.dumps({"instruction": f"Return x plus {i}.", "input": "",
+                    "output": f"def f(x):\n    return x + {i}\n"}) + "\n"
+        for i in range(rows)
+    ))  # fmt: skip
+    return path
+
+
 def write_run_config(path: Path, overrides: dict) -> Path:
     """`overrides` as a TOML file for `--config` (flat, quoted keys)."""
     path.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in overrides.items()))

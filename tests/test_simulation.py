@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import tiny_run_overrides, write_run_config
+from conftest import tiny_run_overrides, write_addition_data, write_run_config
 from peft import PeftModel
 
 from fedcoder.communication import encode, payload_bytes
@@ -31,12 +31,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("sim")
-    data = work / "data.jsonl"
-    data.write_text("".join(
-        json.dumps({"instruction": f"Return x plus {i}.", "input": "",
-                    "output": f"def f(x):\n    return x + {i}\n"}) + "\n"
-        for i in range(120)
-    ))  # fmt: skip
+    data = write_addition_data(work / "data.jsonl", rows=120)
     overrides = tiny_run_overrides(
         tiny_model_dir, data, work / "results",
         **{"num-server-rounds": ROUNDS, "train.save-every-round": 2, "results.run-name": "e2e"},

@@ -1,0 +1,1 @@
+"""The FlowerTune LLM Code baseline's rounds through Flower, for timing (bench only)."""
