@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcoder.config import COMPLETED_FILE_ENV, RunConfig
 from fedcoder.identities import NodeIdentities
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedcoder.results import RunDirectory
+    from fedcoder.run_state import RunState
 
 app = ServerApp()
 
@@ -28,12 +35,10 @@ def main(grid: Grid, context: Context) -> None:
 
     from fedcoder.data import load_records
     from fedcoder.federation import run_federation
-    from fedcoder.model import initial_adapter, resolve_model_path
-    from fedcoder.results import RunDirectory
+    from fedcoder.model import resolve_model_path
 
     load_records(config.data.name)  # fails here, naming the file/row/column, if unusable
-    initial = initial_adapter(config.model, seed=config.train.seed)
-    run, saved = RunDirectory.open(config)  # with results.resume: continue after `saved`
+    run, saved, initial = open_run(config)  # with results.resume: continue after `saved`
     run_federation(
         grid,
         config,
@@ -45,3 +50,23 @@ def main(grid: Grid, context: Context) -> None:
     )
     if os.environ.get(COMPLETED_FILE_ENV):
         Path(os.environ[COMPLETED_FILE_ENV]).write_text(f"{run.path}\n")
+
+
+def open_run(config: RunConfig) -> tuple[RunDirectory, RunState | None, dict[str, torch.Tensor]]:
+    """The run directory, its saved state if resumed, and the adapter round 1 starts from.
+
+    Only a run without a saved round builds the initial adapter: it reads DoRA's magnitudes
+    from every target weight (6.4 GB for Phi-4-mini). A new run builds it before its
+    directory is created, so a model it cannot use leaves results/ as it was.
+    """
+    from fedcoder.model import initial_adapter
+    from fedcoder.results import RunDirectory, run_path
+
+    if config.results.resume and run_path(config).exists():
+        run, saved = RunDirectory.open(config)  # creates nothing: the directory is there
+        if saved is not None:
+            return run, saved, saved.adapter
+        return run, None, initial_adapter(config.model, seed=config.train.seed)
+    initial = initial_adapter(config.model, seed=config.train.seed)
+    run, saved = RunDirectory.open(config)
+    return run, saved, initial

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedcoder.architecture import ModelError
 from fedcoder.config import ConfigError, RunConfig
 from fedcoder.results import RunDirectory
 from fedcoder.run_state import STATE_FILE, RunState, load_state, save_state
+from fedcoder.server_app import open_run
 
 # A child process saves round after round until it is SIGKILLed. Each round's
 # adapter is a pure function of the round, so the parent can check that
@@ -121,6 +123,30 @@ def test_resume_restores_metrics_history(tmp_path):
     assert saved.round == 2
     metrics = json.loads((reopened.path / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+
+
+def test_a_resumed_run_starts_from_its_saved_adapter_without_reading_the_model(tmp_path):
+    # An unusable model name: a run that had to build the initial adapter would fail.
+    unusable = {"results.resume": True, "model.name": "builtin:no-such-model"}
+    config = _config(tmp_path, **unusable)
+    run, _ = RunDirectory.open(config)
+    run.save_state(_state(2, config.fingerprint()))
+    _, saved, initial = open_run(config)
+    assert saved.round == 2
+    assert initial.keys() == saved.adapter.keys()
+    assert all(torch.equal(initial[k], saved.adapter[k]) for k in initial)
+
+    # Resumed before any round was saved: it starts at round 1, so it needs the model.
+    unsaved = _config(tmp_path, **{**unusable, "results.run-name": "unsaved"})
+    RunDirectory.open(unsaved)
+    with pytest.raises(ModelError, match="unknown builtin model"):
+        open_run(unsaved)
+
+    # A new run builds it, before its directory exists: the error leaves nothing behind.
+    fresh = _config(tmp_path, **{**unusable, "results.run-name": "fresh"})
+    with pytest.raises(ModelError, match="unknown builtin model"):
+        open_run(fresh)
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_existing_run_without_resume_is_refused_and_untouched(tmp_path):
