@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 
-import train_throughput as recipe  # bench/ is on PYTHONPATH (bench/reference_wall_time.sh)
+# bench/ is on PYTHONPATH (RECIPE=reference bench/federated_wall_time.sh).
+import train_throughput as recipe
 from flwr.app import Context
 
 
