@@ -10,6 +10,8 @@ Times, each in its own `python3 -c` so nothing is already imported:
   import torch, import transformers+peft, import bitsandbytes, CUDA init
                   what every Ray worker imports (and the ServerApp, less bitsandbytes)
                   before it loads the model, one after the other as the worker does
+  initial adapter the ServerApp's adapter before round 1 (DoRA reads the row norms of every
+                  target weight from the safetensors files), after its imports
   load (--load)   a worker's resident model, phase by phase: the 4-bit load, the kbit
                   preparation, PEFT's DoRA wrap, fedcoder's DoRA norms (the run config's
                   model settings)
@@ -72,6 +74,18 @@ print(json.dumps({{n: round(b - a, 2) for n, a, b in zip(names, t, t[1:])}}))
 """
 
 
+INITIAL = """
+import json, time
+from pathlib import Path
+from fedcoder.model import initial_adapter
+from fedcoder.preflight import preflight
+config = preflight(Path("."), run_config=[{overrides!r}]).config
+t = time.perf_counter()
+initial_adapter(config.model, seed=config.train.seed)
+print(json.dumps(round(time.perf_counter() - t, 2)))
+"""
+
+
 def timed(code: str) -> tuple[float, str]:
     started = time.perf_counter()
     result = subprocess.run(
@@ -105,6 +119,8 @@ def main() -> None:
     for name, code in probes.items():
         report[name] = [round(timed(code)[0], 2) for _ in range(args.repeats)]
     report["ml-stack"] = [json.loads(timed(IMPORTS)[1]) for _ in range(args.repeats)]
+    code = INITIAL.format(overrides=overrides)
+    report["initial adapter"] = [json.loads(timed(code)[1]) for _ in range(args.repeats)]
     if args.load:
         code = LOAD.format(overrides=overrides)
         report["load"] = [json.loads(timed(code)[1]) for _ in range(args.repeats)]

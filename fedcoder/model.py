@@ -331,11 +331,20 @@ def initial_adapter(settings: ModelSettings, *, seed: int) -> dict[str, torch.Te
     return state
 
 
+# Rows per block in _row_norms. A whole weight's fp32 copy (200 MB for Phi-4-mini's
+# gate_up_proj) is fresh memory every time, and allocating and first touching 12.8 GB of
+# it cost more than the arithmetic: the initial adapter took 5.7-6.1 s, and 1.3-2.3 s in
+# blocks of 512 rows (16 MB at most for Phi-4-mini), whose memory the allocator reuses
+# (2-core machine, docs/performance.md, twelfth session).
+NORM_BLOCK_ROWS = 512
+
+
 def _row_norms(path: str, keys: set[str]) -> dict[str, torch.Tensor] | None:
     """The fp32 row norms of the weights `keys`, one weight in memory at a time; None
     unless all are found in the safetensors files.
 
-    The same op on the same fp32 values as PEFT's DoRA init (B is zero): bit-identical.
+    The same op on the same fp32 values as PEFT's DoRA init (B is zero), row by row:
+    bit-identical.
     """
     from safetensors import safe_open
 
@@ -343,7 +352,8 @@ def _row_norms(path: str, keys: set[str]) -> dict[str, torch.Tensor] | None:
     for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as handle:
             for key in keys & set(handle.keys()):
-                norms[key] = torch.linalg.norm(handle.get_tensor(key).float(), dim=1)
+                blocks = handle.get_tensor(key).split(NORM_BLOCK_ROWS)
+                norms[key] = torch.cat([torch.linalg.norm(b.float(), dim=1) for b in blocks])
     return norms if norms.keys() == keys else None
 
 

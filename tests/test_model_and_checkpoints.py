@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+import fedcoder.model as model_module
 from fedcoder.architecture import check_target_modules, checkpoint_module_names
 from fedcoder.config import ConfigError, LoraSettings, ModelSettings, RunConfig
 from fedcoder.model import (
@@ -44,6 +45,24 @@ def test_initial_adapter_matches_a_fully_loaded_model(tiny_model_dir, use_dora):
     assert not torch.equal(
         init[next(iter(init))], initial_adapter(settings(tiny_model_dir), seed=6)[next(iter(init))]
     )
+
+
+@pytest.mark.parametrize("block_rows", [1, 7], ids=["row-by-row", "ragged-blocks"])
+def test_dora_magnitudes_read_in_row_blocks_match_a_fully_loaded_model(
+    tiny_model_dir, monkeypatch, block_rows
+):
+    # Phi-4-mini's weights span many blocks of NORM_BLOCK_ROWS; the tiny model's fit in one
+    # unless the blocks are made smaller. 7 leaves a short last block.
+    monkeypatch.setattr(model_module, "NORM_BLOCK_ROWS", block_rows)
+    model_settings = settings(tiny_model_dir)
+    init = initial_adapter(model_settings, seed=5)
+    model, _ = load_base_model(str(tiny_model_dir), dtype=torch.float32, device="cpu")
+    full = adapter_state(add_adapter(model, model_settings, seed=5))
+    magnitudes = [key for key in init if "lora_magnitude_vector" in key]
+    assert magnitudes and all(init[key].numel() > block_rows for key in magnitudes)
+    assert block_rows == 1 or any(init[key].numel() % block_rows for key in magnitudes)
+    for key in magnitudes:
+        assert torch.equal(init[key], full[key]), key
 
 
 def test_unknown_target_module_is_named(tiny_model_dir):
